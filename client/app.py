@@ -1,0 +1,86 @@
+"""The ClientApp: receive the global shared arrays, train locally on private images, reply
+with the shared arrays and metrics. Local state (e.g. BYOL's target) lives in context.state."""
+from __future__ import annotations
+
+import functools
+import logging
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local_data import local_images
+from common.config import RunConfig
+from common.device import select_device, set_threads
+from common.methods import MODEL_FIELDS, build_method
+from common.records import from_record, to_record
+from common.training import augmenter, steps_per_epoch, train_epochs
+
+log = logging.getLogger("fedssl")
+LOCAL_STATE_KEY = "fedssl-local"
+
+app = ClientApp()
+
+
+def round_config(msg: Message) -> tuple[RunConfig, int]:
+    """The server sends the whole (validated) run config with each round, so a site cannot
+    train with settings that differ from the server's."""
+    config = dict(msg.content["config"])
+    server_round = int(config.pop("server-round", 1))
+    return RunConfig.from_mapping(config, ignore_unknown=True), server_round
+
+
+@functools.lru_cache(maxsize=1)
+def _method_for(model: tuple):
+    # Reused across rounds in a long-lived process (simulation actors); every round loads
+    # all of its state, so nothing leaks from one client or round into the next.
+    return build_method(RunConfig(**dict(zip(MODEL_FIELDS, model))))
+
+
+def _train_seed(seed: int, server_round: int, context: Context) -> int:
+    # Simulated node ids are random per run; partition ids are stable, so reruns repeat.
+    client = int(context.node_config.get("partition-id", context.node_id))
+    return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, server_round = round_config(msg)
+    threads = set_threads(int(context.node_config.get("threads", cfg.threads)))
+    device = select_device(str(context.node_config.get("device", cfg.device)))
+    data = local_images(cfg, context.node_config)
+
+    method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
+    method.load_partial(from_record(msg.content["arrays"]))
+    local = context.state.get(LOCAL_STATE_KEY)
+    if isinstance(local, ArrayRecord):
+        method.load_partial(from_record(local))
+    else:
+        method.init_local()
+
+    # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
+    # round number, so a client that skips rounds stays on the global schedule.
+    per_round = cfg.local_epochs * steps_per_epoch(len(data), cfg.batch_size)
+    total = cfg.num_rounds * per_round
+    result = train_epochs(
+        method, data.images, augmenter(cfg), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=device,
+        progress_start=(server_round - 1) * per_round / total,
+        progress_end=server_round * per_round / total,
+        amp=cfg.amp, seed=_train_seed(cfg.seed, server_round, context),
+    )
+    method.cpu()
+    local_state = method.local_state()
+    if local_state:
+        context.state[LOCAL_STATE_KEY] = to_record(local_state)
+    metrics = MetricRecord({
+        "num-examples": len(data),
+        "train-loss": result.loss,
+        "train-seconds": result.seconds,
+        "images-per-second": result.images_per_second,
+        "skipped-images": data.skipped,
+        "threads": threads,
+    })
+    log.info("round %d: %d images, loss %.4f, %.0f img/s on %s", server_round, len(data),
+             result.loss, result.images_per_second, device)
+    return Message(RecordDict({"arrays": to_record(method.shared_state()), "metrics": metrics}),
+                   reply_to=msg)

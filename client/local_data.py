@@ -1,0 +1,39 @@
+"""Which images a client trains on: its partition in simulation, its own folder at a site."""
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+from common.config import RunConfig
+from common.datasets import DataError, ImageSet, load_images
+from common.partition import partition_indices
+
+
+@functools.lru_cache(maxsize=2)
+def _site_folder(path: str, image_size: int) -> ImageSet:
+    return load_images("imagefolder", path, image_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _partitions(dataset: str, path: str, image_size: int, scheme: str, num: int,
+                alpha: float, shards: int, seed: int) -> tuple[ImageSet, tuple]:
+    # Cached per process: a simulation actor serving many clients decodes and splits once.
+    images = load_images(dataset, path, image_size, seed=seed)
+    labels = None if images.labels is None else images.labels.numpy()
+    parts = partition_indices(len(images), labels, num, scheme, alpha=alpha,
+                              shards_per_client=shards, seed=seed)
+    return images, tuple(parts)
+
+
+def local_images(cfg: RunConfig, node_config: Mapping) -> ImageSet:
+    """A deployed site names its folder with node config `data-path`; a simulated node has a
+    `partition-id` of the run's dataset."""
+    if "data-path" in node_config:
+        return _site_folder(str(node_config["data-path"]), cfg.image_size)
+    if "partition-id" in node_config:
+        images, parts = _partitions(cfg.dataset, cfg.data_path, cfg.image_size, cfg.partition,
+                                    int(node_config["num-partitions"]), cfg.alpha,
+                                    cfg.shards_per_client, cfg.seed)
+        return images.subset(parts[int(node_config["partition-id"])])
+    raise DataError("this node has no data: start the SuperNode with "
+                    "--node-config 'data-path=\"/path/to/images\"'")

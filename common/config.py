@@ -1,0 +1,208 @@
+"""The run configuration: one typed object, built from Flower's run config (or the CLI, or a
+preset file) and validated here, so a bad value fails once, early, in one line."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what to train
+    method: str = "byol"
+    strategy: str = "fedavg"
+    encoder: str = "mobilenet_v3_small"
+    proj_dim: int = 256
+    hidden_dim: int = 1024
+    byol_tau: float = 0.99
+    # data
+    dataset: str = "synthetic"
+    data_path: str = ""
+    eval_path: str = ""
+    image_size: int = 32
+    blur: bool = False
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    # federation
+    num_rounds: int = 10
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 120.0
+    # local training
+    local_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    device: str = "auto"
+    threads: int = 0
+    amp: bool = True
+    # evaluation and outputs
+    eval_every: int = 1
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    eval_bank_size: int = 10000
+    eval_query_size: int = 10000
+    probe: bool = True
+    seed: int = 0
+    out_dir: str = ""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
+        """Build from hyphenated keys (Flower run config, presets, CLI); missing keys take
+        their defaults. Raises ConfigError naming the first bad key."""
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                if ignore_unknown:
+                    continue
+                close = difflib.get_close_matches(key, config_keys(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}; allowed: {', '.join(config_keys())}")
+            kwargs[name] = _coerce(key, raw, _FIELDS[name].type)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Hyphenated keys, Flower ConfigRecord-compatible values."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name, rule in _RULES.items():
+            problem = rule(getattr(self, name))
+            if problem:
+                key = name.replace("_", "-")
+                raise ConfigError(f"{key}={getattr(self, name)!r} is invalid: {problem}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def config_keys() -> list[str]:
+    return [name.replace("_", "-") for name in _FIELDS]
+
+
+def defaults() -> dict[str, Any]:
+    return RunConfig().to_mapping()
+
+
+def _coerce(key: str, raw: Any, type_name: str) -> Any:
+    """Accept the value's own type or its text (CLI, environment); nothing lossy."""
+    want = _TYPES[type_name]
+    if isinstance(raw, want) and not (want is int and isinstance(raw, bool)):
+        return raw
+    if want is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, str):
+        text = raw.strip()
+        if want is bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return text.lower() in ("true", "1", "yes")
+        try:
+            if want is int:
+                return int(text)
+            if want is float:
+                return float(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}={raw!r} is invalid: must be {_ARTICLE[type_name]}")
+
+
+_ARTICLE = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _choice(options: Callable[[], Any]) -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        allowed = list(options())
+        return None if value in allowed else f"allowed: {', '.join(map(str, allowed))}"
+    return rule
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _between(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], str | None]:
+    def rule(v: float) -> str | None:
+        ok = (low < v if low_open else low <= v) and v <= high
+        bound = "(" if low_open else "["
+        return None if ok else f"must be in {bound}{low}, {high}]"
+    return rule
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _device(v: str) -> str | None:
+    if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "allowed: auto, cpu, cuda, cuda:N, mps"
+
+
+def _method_names():
+    from common.methods import METHODS
+    return METHODS
+
+
+def _encoder_names():
+    from common.encoders import ENCODERS
+    return ENCODERS
+
+
+def _dataset_names():
+    from common.datasets import SOURCES
+    return SOURCES
+
+
+def _partition_names():
+    from common.partition import SCHEMES
+    return SCHEMES
+
+
+# The strategy name is checked where strategies live (server/strategies), with the same
+# error type; common/ must not import server/.
+_RULES: dict[str, Callable[[Any], str | None]] = {
+    "method": _choice(_method_names),
+    "encoder": _choice(_encoder_names),
+    "proj_dim": _at_least(1),
+    "hidden_dim": _at_least(1),
+    "byol_tau": _between(0.0, 1.0),
+    "dataset": _choice(_dataset_names),
+    "image_size": _at_least(8),
+    "partition": _choice(_partition_names),
+    "alpha": _positive,
+    "shards_per_client": _at_least(1),
+    "num_rounds": _at_least(1),
+    "fraction_train": _between(0.0, 1.0, low_open=True),
+    "min_train_clients": _at_least(1),
+    "round_timeout": _positive,
+    "node_wait_timeout": _positive,
+    "local_epochs": _at_least(1),
+    "batch_size": _at_least(2),
+    "lr": _positive,
+    "momentum": _between(0.0, 1.0),
+    "weight_decay": _at_least(0.0),
+    "device": _device,
+    "threads": _at_least(0),
+    "eval_every": _at_least(1),
+    "knn_k": _at_least(1),
+    "knn_temperature": _positive,
+    "eval_bank_size": _at_least(1),
+    "eval_query_size": _at_least(1),
+}

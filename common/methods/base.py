@@ -1,0 +1,57 @@
+"""What every SSL method provides, so client, server and harness never ask which one it is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadSizes:
+    proj_dim: int = 256
+    hidden_dim: int = 1024
+
+
+class SSLMethod(nn.Module):
+    """An SSL method: its networks, its loss on two views, its update after each step.
+
+    `shared_prefixes` name the state_dict entries the server aggregates; every other entry
+    (a BYOL target, a MoCo queue) is local state that stays on the client between rounds.
+    `encoder` is the backbone that is evaluated and exported.
+    """
+
+    shared_prefixes: tuple[str, ...] = ()
+    encoder: nn.Module
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        """The loss for a batch of paired views."""
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Update non-gradient state; `progress` in [0, 1] over the whole federated run."""
+
+    def init_local(self) -> None:
+        """Build local state from the shared networks, for a client that has none yet."""
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.shared_prefixes)}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.shared_prefixes)}
+
+    def load_partial(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a shared or local subset; keys outside this method's state are an error."""
+        unexpected = self.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"state holds keys this method does not have: {unexpected[:5]}")
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A gradient-free copy, for momentum (target / key) networks."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone

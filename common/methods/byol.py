@@ -1,0 +1,51 @@
+"""BYOL (Grill et al., 2020). FedBYOL shares the online encoder, projector and predictor;
+the EMA target stays on the client (Zhuang et al., 2021)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.ema import ema_
+from common.heads import mlp
+from common.methods.base import HeadSizes, SSLMethod, frozen_copy
+from common.schedules import byol_tau
+
+
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p, z), averaged over the batch; 0 when aligned."""
+    return 2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1).mean()
+
+
+class BYOL(SSLMethod):
+    shared_prefixes = ("encoder.", "projector.", "predictor.")
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, heads: HeadSizes, base_tau: float = 0.99):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp(feature_dim, heads.hidden_dim, heads.proj_dim)
+        self.predictor = mlp(heads.proj_dim, heads.hidden_dim, heads.proj_dim)
+        self.target_encoder = frozen_copy(encoder)
+        self.target_projector = frozen_copy(self.projector)
+        self.base_tau = base_tau
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        # Both views in one batch: one pass per network instead of two.
+        views = torch.cat([view1, view2])
+        p1, p2 = self.predictor(self.projector(self.encoder(views))).chunk(2)
+        with torch.no_grad():
+            z1, z2 = self.target_projector(self.target_encoder(views)).chunk(2)
+        return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        online = [*self.encoder.parameters(), *self.projector.parameters()]
+        target = [*self.target_encoder.parameters(), *self.target_projector.parameters()]
+        return target, online
+
+    def after_step(self, progress: float) -> None:
+        ema_(*self._pairs(), byol_tau(progress, self.base_tau))
+
+    @torch.no_grad()
+    def init_local(self) -> None:
+        self.target_encoder.load_state_dict(self.encoder.state_dict())
+        self.target_projector.load_state_dict(self.projector.state_dict())

@@ -1,0 +1,92 @@
+"""Local SSL training on a uint8 image tensor: shared by the ClientApp and the centralized
+baseline, so both run the same hot path."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common.augment import AugmentConfig, TwoViewAugment
+from common.methods.base import SSLMethod
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean loss over the steps
+    steps: int
+    images: int  # images passed through (each yields two views)
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full batches only (BatchNorm needs more than one sample); a set smaller than a batch
+    is one batch."""
+    return max(num_images // batch_size, 1)
+
+
+def augmenter(cfg) -> TwoViewAugment:
+    blur = (1.0, 0.1) if cfg.blur else (0.0, 0.0)
+    return TwoViewAugment(AugmentConfig(image_size=cfg.image_size, blur_probs=blur))
+
+
+def train_epochs(
+    method: SSLMethod,
+    images: torch.Tensor,
+    augment: TwoViewAugment,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    device: torch.device,
+    progress_start: float = 0.0,
+    progress_end: float = 1.0,
+    amp: bool = True,
+    seed: int = 0,
+) -> TrainResult:
+    """Train `method` for `epochs` over `images` (uint8 [N,3,H,W]); `progress_*` place these
+    steps within the whole run for schedules such as BYOL's target momentum."""
+    if len(images) < 2:
+        raise ValueError(f"need at least 2 images to train, got {len(images)}")
+    method.to(device).train()
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    batch = min(batch_size, len(images))
+    per_epoch = steps_per_epoch(len(images), batch)
+    total = epochs * per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
+                else contextlib.nullcontext())
+    pin = device.type == "cuda"
+    loss_sum = torch.zeros((), device=device)
+    start = time.perf_counter()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for b in range(per_epoch):
+            chunk = images[order[b * batch:(b + 1) * batch]]
+            if pin:
+                chunk = chunk.pin_memory()
+            view1, view2 = augment(chunk.to(device, non_blocking=True), aug_generator)
+            with autocast:
+                loss = method(view1, view2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            method.after_step(progress_start + (progress_end - progress_start) * step / total)
+            loss_sum += loss.detach()
+    mean_loss = float(loss_sum) / max(step, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"training diverged: mean loss {mean_loss}")
+    return TrainResult(loss=mean_loss, steps=step, images=step * batch,
+                       seconds=time.perf_counter() - start)

@@ -1,0 +1,70 @@
+"""The centralized baseline: the same method and hot path on the pooled data, for the
+same number of image-passes as a federated run, evaluated the same way."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+from common.datasets import load_images
+from common.device import select_device, set_threads
+from common.logs import get_logger
+from common.methods import build_method
+from common.schedules import cosine
+from common.training import augmenter, train_epochs
+from server.evaluation import GlobalEvaluator
+from server.run_dir import RunDir, default_out_dir
+
+log = get_logger()
+
+
+def pooled_epochs(cfg: RunConfig) -> int:
+    """Epochs over the pooled data that match the federated run's image-passes."""
+    return max(round(cfg.num_rounds * cfg.local_epochs * cfg.fraction_train), 1)
+
+
+def run_centralized(cfg: RunConfig) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    set_threads(cfg.threads)
+    device = select_device(cfg.device)
+    out = RunDir(cfg.out_dir or default_out_dir())
+    data = load_images(cfg.dataset, cfg.data_path, cfg.image_size, seed=cfg.seed)
+    method = build_method(cfg)
+    method.init_local()
+    evaluator = GlobalEvaluator(cfg, device)
+    augment = augmenter(cfg)
+    epochs = pooled_epochs(cfg)
+    start = time.perf_counter()
+    history = [{"round": 0, **evaluator(method), "seconds": 0.0}]
+    out.append_metrics(history[0])
+    log.info("centralized %s: %d images, %d epochs; epoch 0 kNN top-1 %.4f",
+             cfg.method, len(data), epochs, history[0]["knn_top1"])
+    for epoch in range(1, epochs + 1):
+        tick = time.perf_counter()
+        result = train_epochs(
+            method, data.images, augment, epochs=1, batch_size=cfg.batch_size,
+            lr=cosine((epoch - 1) / epochs, cfg.lr, 0.0), momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, device=device,
+            progress_start=(epoch - 1) / epochs, progress_end=epoch / epochs,
+            amp=cfg.amp, seed=cfg.seed * 1_000_003 + epoch)
+        final = epoch == epochs
+        scores = evaluator(method, probe=final and cfg.probe) if final or epoch % cfg.eval_every == 0 else {}
+        row = {"round": epoch, **scores, "train_loss": result.loss,
+               "client_images_per_second": result.images_per_second,
+               "seconds": round(time.perf_counter() - tick, 3)}
+        history.append(row)
+        out.append_metrics(row)
+        log.info("epoch %d/%d | loss %.4f | %s%.1f s", epoch, epochs, result.loss,
+                 f"kNN top-1 {scores['knn_top1']:.4f} | " if scores else "", row["seconds"])
+    meta = {"round": epochs, "method": cfg.method, "encoder": cfg.encoder,
+            "image-size": cfg.image_size, "config": cfg.to_mapping(), "centralized": True}
+    encoder_path = out.export_encoder(method.shared_state(), meta)
+    summary = {"config": cfg.to_mapping(), "centralized": True, "epochs": epochs,
+               "initial": history[0], "final": history[-1],
+               "knn_top1_gain": history[-1]["knn_top1"] - history[0]["knn_top1"],
+               "seconds": round(time.perf_counter() - start, 3),
+               "encoder": str(encoder_path), "out_dir": str(out.path)}
+    out.write_summary(summary)
+    return summary
