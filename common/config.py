@@ -27,6 +27,7 @@ class RunConfig:
     eval_path: str = ""
     image_size: int = 32
     blur: bool = False
+    crop_min_scale: float = 0.08
     partition: str = "iid"
     alpha: float = 0.5
     shards_per_client: int = 2
@@ -185,6 +186,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "byol_tau": _between(0.0, 1.0),
     "dataset": _choice(_dataset_names),
     "image_size": _at_least(8),
+    "crop_min_scale": _between(0.0, 1.0, low_open=True),
     "partition": _choice(_partition_names),
     "alpha": _positive,
     "shards_per_client": _at_least(1),

@@ -33,7 +33,8 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 def augmenter(cfg) -> TwoViewAugment:
     blur = (1.0, 0.1) if cfg.blur else (0.0, 0.0)
-    return TwoViewAugment(AugmentConfig(image_size=cfg.image_size, blur_probs=blur))
+    return TwoViewAugment(AugmentConfig(image_size=cfg.image_size, blur_probs=blur,
+                                        crop_scale=(cfg.crop_min_scale, 1.0)))
 
 
 def train_epochs(

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from flwr.app import Context
-from flwr.common.telemetry import EventType
+from flwr.supercore.telemetry import EventType
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 

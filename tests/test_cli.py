@@ -1,0 +1,46 @@
+"""`fedssl`: bad input is one line on stderr and exit code 2; nothing starts."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from simulations.cli import main
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "mae"], "method='mae' is invalid: allowed: byol, simsiam"),
+    (["--dataset", "imagenet"], "dataset='imagenet' is invalid: allowed:"),
+    (["--strategy", "fedfoo"], "strategy='fedfoo' is invalid: allowed: fedavg"),
+    (["--rounds", "0"], "num-rounds=0 is invalid: must be >= 1"),
+    (["--batch-size", "many"], "batch-size='many' is invalid: must be an integer"),
+    (["--dataset", "imagefolder", "--data-path", "/nonexistent/images"], "/nonexistent/images"),
+    (["--preset", "no-such-preset"], "--preset 'no-such-preset': no such file or preset"),
+    (["--num-clients", "1"], "num-clients=1 is invalid: must be >= min-train-clients (2)"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, fragment):
+    assert main(["simulate", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.startswith("fedssl: error:") and "\n" not in err
+
+
+def test_empty_folder_is_named(tmp_path, capsys):
+    assert main(["simulate", "--dataset", "imagefolder", "--data-path", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_unlabelled_eval_folder_is_refused(tmp_path, image_folder, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, png in enumerate(sorted(image_folder.rglob("*.png"))[:5]):
+        (flat / f"{i}.png").write_bytes(png.read_bytes())
+    code = main(["centralized", "--dataset", "imagefolder", "--data-path", str(flat)])
+    assert code == 2 and str(flat) in capsys.readouterr().err
+
+
+def test_console_script_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--method", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "method='x' is invalid" in proc.stderr

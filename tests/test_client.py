@@ -1,0 +1,71 @@
+"""The ClientApp's train handler, called directly as the engines call it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.app import LOCAL_STATE_KEY, app as client_app
+from common.datasets import DataError
+from common.methods import build_method
+from common.records import from_record, to_record
+from inprocess import InProcessGrid
+from conftest import tiny_config
+
+
+def train_message(cfg, server_round: int = 1) -> Message:
+    InProcessGrid(client_app, num_nodes=1)  # sets the process's task identity
+    config = ConfigRecord({**cfg.to_mapping(), "server-round": server_round})
+    content = RecordDict({"arrays": to_record(build_method(cfg).shared_state()), "config": config})
+    return Message(content, 1000, "train")
+
+
+def context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1000, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_train_replies_with_changed_shared_arrays_and_metrics(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, tmp_path)
+    msg = train_message(cfg)
+    ctx = context({"partition-id": 0, "num-partitions": 3})
+    reply = client_app(msg, ctx)
+    assert not reply.has_error()
+    sent, got = from_record(msg.content["arrays"]), from_record(reply.content["arrays"])
+    assert set(got) == set(sent)  # only the shared part travels: no target network
+    assert not any(k.startswith("target_") for k in got)
+    assert any(not torch.equal(got[k], sent[k]) for k in sent if k.startswith("encoder."))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 32  # a third of 96 images
+    assert metrics["train-loss"] > 0 and metrics["images-per-second"] > 0
+
+
+def test_byol_target_stays_on_the_client_across_rounds(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, tmp_path)
+    ctx = context({"partition-id": 1, "num-partitions": 3})
+    client_app(train_message(cfg, 1), ctx)
+    target_1 = from_record(ctx.state[LOCAL_STATE_KEY])
+    assert all(k.startswith("target_") for k in target_1)
+    client_app(train_message(cfg, 2), ctx)
+    target_2 = from_record(ctx.state[LOCAL_STATE_KEY])
+    # round 2 continued the EMA from round 1's target instead of re-copying the online net
+    fresh = build_method(cfg)
+    fresh.init_local()
+    key = next(k for k in target_2 if k.endswith("weight") and target_2[k].ndim > 1)
+    assert not torch.equal(target_2[key], target_1[key])
+    assert not torch.equal(target_2[key], fresh.local_state()[key])
+
+
+def test_a_site_trains_on_its_own_folder(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, tmp_path, dataset="synthetic", data_path="")
+    reply = client_app(train_message(cfg), context({"data-path": str(image_folder / "disc")}))
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 24
+
+
+@pytest.mark.parametrize("node_config, fragment", [
+    ({}, "this node has no data"),
+    ({"data-path": "/nonexistent/site0"}, "/nonexistent/site0"),
+])
+def test_a_site_without_data_fails_with_a_clear_reason(image_folder, tmp_path, node_config, fragment):
+    cfg = tiny_config(image_folder, tmp_path)
+    with pytest.raises(DataError, match=fragment):
+        client_app(train_message(cfg), context(node_config))

@@ -1,0 +1,72 @@
+"""The ServerApp's round logic against an in-process Grid and the real ClientApp."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, Message
+
+from client.app import app as client_app
+from common.checkpoint import load_encoder, load_weights
+from common.config import ConfigError
+from common.methods import build_method
+from server.app import run_federation, wait_for_nodes
+from server.strategies import build_strategy
+from inprocess import InProcessGrid
+from conftest import tiny_config
+
+REQUIRED = {"round", "knn_top1", "train_loss", "clients_ok", "clients_failed", "seconds"}
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam"])
+def test_two_rounds_write_metrics_checkpoint_and_encoder(image_folder, tmp_path, method):
+    cfg = tiny_config(image_folder, tmp_path / "run", method=method)
+    grid = InProcessGrid(client_app, num_nodes=3)
+    summary = run_federation(grid, cfg)
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(REQUIRED <= set(r) for r in rows)
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 3] and rows[-1]["clients_failed"] == 0
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in rows)
+    assert "probe_top1" in rows[-1] and rows[-1]["train_loss"] is not None
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"] == rows[-1]
+    assert summary["final"]["round"] == 2
+
+    # the global weights moved away from the initial ones, and the checkpoint holds them
+    initial = build_method(cfg).shared_state()
+    state, meta = load_weights(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["round"] == 2 and meta["method"] == method
+    assert set(state) == set(initial)
+    assert any(not torch.equal(state[k], initial[k]) for k in initial if k.startswith("encoder."))
+    encoder = load_encoder(tmp_path / "run" / "encoder.safetensors").eval()
+    assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 576)
+    # every client was sent the whole run config and the round's learning rate
+    config = grid.sent[-1].content["config"]
+    assert config["method"] == method and config["server-round"] == 2
+    assert config["lr"] < cfg.lr  # cosine-decayed in round 2
+
+
+def test_a_failing_client_is_recorded_and_the_run_goes_on(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, tmp_path / "run", num_rounds=1)
+
+    def flaky(msg: Message, context: Context) -> Message:
+        if context.node_config["partition-id"] == 1:
+            raise RuntimeError("disk on fire")
+        return client_app(msg, context)
+
+    summary = run_federation(InProcessGrid(flaky, num_nodes=3), cfg)
+    final = summary["final"]
+    assert final["clients_ok"] == 2 and final["clients_failed"] == 1
+    assert "disk on fire" in next(iter(final["failures"].values()))
+
+
+def test_waiting_for_nodes_times_out_with_numbers():
+    with pytest.raises(TimeoutError, match=r"1 client node\(s\) connected .* 3 needed"):
+        wait_for_nodes(InProcessGrid(client_app, num_nodes=1), needed=3, timeout=0.1)
+
+
+def test_unknown_strategy_is_a_config_error(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="strategy='fedprox2' is invalid: allowed: fedavg"):
+        build_strategy(tiny_config(image_folder, tmp_path, strategy="fedprox2"))
