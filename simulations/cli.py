@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.config import ConfigError, RunConfig, config_keys, defaults
+from common.config import ConfigError, RunConfig, defaults
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Flags that are easier to type than their run-config keys.

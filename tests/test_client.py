@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import LOCAL_STATE_KEY, app as client_app
 from common.datasets import DataError
