@@ -15,7 +15,7 @@ from common.logs import get_logger
 from common.methods import build_method
 from common.records import from_record, to_record
 from server.evaluation import GlobalEvaluator
-from server.run_dir import RunDir, default_out_dir
+from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
 from server.strategies import build_strategy
 
 log = get_logger()
@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         out.append_metrics(row)
         # Weights come back from the method, so buffers keep their dtypes (FedAvg returns
         # int64 counters as float64).
-        out.save_checkpoint(method.shared_state(), {"round": server_round, **_identity(cfg)})
+        out.save_checkpoint(method.shared_state(), weights_metadata(cfg, server_round))
         log.info(_progress_line(row, cfg.num_rounds))
         return MetricRecord({k: float(v) for k, v in scores.items()})
 
@@ -86,33 +86,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                    timeout=cfg.round_timeout, train_config=ConfigRecord(cfg.to_mapping()),
                    evaluate_fn=evaluate)
 
-    encoder_path = out.export_encoder(method.shared_state(),
-                                      {"round": cfg.num_rounds, **_identity(cfg)})
-    summary = {
-        "config": cfg.to_mapping(),
-        "rounds": cfg.num_rounds,
-        "initial": history[0],
-        "final": history[-1],
-        "knn_top1_gain": _gain(history),
-        "seconds": round(time.perf_counter() - clock["start"], 3),
-        "encoder": str(encoder_path),
-        "out_dir": str(out.path),
-    }
+    encoder_path = out.export_encoder(method.shared_state(), weights_metadata(cfg, cfg.num_rounds))
+    summary = summarize(cfg, history, seconds=time.perf_counter() - clock["start"],
+                        encoder=encoder_path, out_dir=out.path, rounds=cfg.num_rounds)
     out.write_summary(summary)
     log.info("done: kNN top-1 %.4f -> %.4f after %d rounds in %.0f s; encoder: %s",
              history[0].get("knn_top1", float("nan")), history[-1].get("knn_top1", float("nan")),
              cfg.num_rounds, summary["seconds"], encoder_path)
     return summary
-
-
-def _identity(cfg: RunConfig) -> dict[str, Any]:
-    return {"method": cfg.method, "encoder": cfg.encoder, "image-size": cfg.image_size,
-            "config": cfg.to_mapping()}
-
-
-def _gain(history: list[dict[str, Any]]) -> float | None:
-    first, last = history[0].get("knn_top1"), history[-1].get("knn_top1")
-    return None if first is None or last is None else last - first
 
 
 def _progress_line(row: dict[str, Any], num_rounds: int) -> str:

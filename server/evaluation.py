@@ -20,11 +20,16 @@ def _sample(images: ImageSet, limit: int, seed: int) -> ImageSet:
     return images.subset(order[:limit].sort().values)
 
 
+def eval_source(cfg: RunConfig) -> tuple[str, str]:
+    """The labelled images the server evaluates on: --eval-path, else the training source."""
+    return ("imagefolder", cfg.eval_path) if cfg.eval_path else (cfg.dataset, cfg.data_path)
+
+
 class GlobalEvaluator:
     """Holds the decoded evaluation images for the whole run (decoded once)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device):
-        source, path = ("imagefolder", cfg.eval_path) if cfg.eval_path else (cfg.dataset, cfg.data_path)
+        source, path = eval_source(cfg)
         bank, query = load_eval_split(source, path, cfg.image_size, seed=cfg.seed)
         self.bank = _sample(bank, cfg.eval_bank_size, cfg.seed)
         self.query = _sample(query, cfg.eval_query_size, cfg.seed + 1)

@@ -16,6 +16,22 @@ def default_out_dir() -> Path:
     return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
 
 
+def weights_metadata(cfg, server_round: int, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint or exported encoder needs to be rebuilt from its file alone."""
+    return {"round": server_round, "method": cfg.method, "encoder": cfg.encoder,
+            "image-size": cfg.image_size, "config": cfg.to_mapping(), **extra}
+
+
+def summarize(cfg, history: list[dict[str, Any]], *, seconds: float, encoder: Path,
+              out_dir: Path, **extra: Any) -> dict[str, Any]:
+    """summary.json: the config, the first and final rows, and the final kNN gain."""
+    first, last = history[0].get("knn_top1"), history[-1].get("knn_top1")
+    return {"config": cfg.to_mapping(), "initial": history[0], "final": history[-1],
+            "knn_top1_gain": None if first is None or last is None else last - first,
+            "seconds": round(seconds, 3), "encoder": str(encoder), "out_dir": str(out_dir),
+            **extra}
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()

@@ -15,7 +15,7 @@ from common.methods import build_method
 from common.schedules import cosine
 from common.training import augmenter, train_epochs
 from server.evaluation import GlobalEvaluator
-from server.run_dir import RunDir, default_out_dir
+from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
 
 log = get_logger()
 
@@ -58,13 +58,9 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
         out.append_metrics(row)
         log.info("epoch %d/%d | loss %.4f | %s%.1f s", epoch, epochs, result.loss,
                  f"kNN top-1 {scores['knn_top1']:.4f} | " if scores else "", row["seconds"])
-    meta = {"round": epochs, "method": cfg.method, "encoder": cfg.encoder,
-            "image-size": cfg.image_size, "config": cfg.to_mapping(), "centralized": True}
-    encoder_path = out.export_encoder(method.shared_state(), meta)
-    summary = {"config": cfg.to_mapping(), "centralized": True, "epochs": epochs,
-               "initial": history[0], "final": history[-1],
-               "knn_top1_gain": history[-1]["knn_top1"] - history[0]["knn_top1"],
-               "seconds": round(time.perf_counter() - start, 3),
-               "encoder": str(encoder_path), "out_dir": str(out.path)}
+    encoder_path = out.export_encoder(method.shared_state(),
+                                      weights_metadata(cfg, epochs, centralized=True))
+    summary = summarize(cfg, history, seconds=time.perf_counter() - start,
+                        encoder=encoder_path, out_dir=out.path, centralized=True, epochs=epochs)
     out.write_summary(summary)
     return summary

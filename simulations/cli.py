@@ -74,6 +74,7 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
     then serves every client process)."""
     from common.datasets import load_eval_split, load_images
     from common.partition import partition_indices
+    from server.evaluation import eval_source
     from server.strategies import build_strategy
 
     build_strategy(cfg)
@@ -85,8 +86,7 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
         labels = None if images.labels is None else images.labels.numpy()
         partition_indices(len(images), labels, num_clients, cfg.partition, alpha=cfg.alpha,
                           shards_per_client=cfg.shards_per_client, seed=cfg.seed)
-    source, path = ("imagefolder", cfg.eval_path) if cfg.eval_path else (cfg.dataset, cfg.data_path)
-    load_eval_split(source, path, cfg.image_size, seed=cfg.seed)
+    load_eval_split(*eval_source(cfg), cfg.image_size, seed=cfg.seed)
 
 
 def quiet_engines(verbose: bool) -> None:
