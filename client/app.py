@@ -42,6 +42,33 @@ def _train_seed(seed: int, server_round: int, context: Context) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
 
 
+def restore_local_state(method, context: Context, server_round: int) -> bool:
+    """Load this node's local state (BYOL's target); rebuild it from the just-loaded global
+    model when it is missing or does not fit (a restarted SuperNode, a resumed server, a
+    changed method). Returns whether state a client should have had was rebuilt."""
+    expected = method.local_state()
+    if not expected:
+        return False  # this method keeps nothing locally
+    local = context.state.get(LOCAL_STATE_KEY)
+    problem = "none kept" if not isinstance(local, ArrayRecord) else None
+    if problem is None:
+        state = from_record(local)
+        # strict=False loading would leave missing entries as whatever the cached method
+        # object last held: another client's target.
+        if set(state) != set(expected):
+            problem = "its keys differ from the method's"
+        elif any(state[k].shape != expected[k].shape for k in expected):
+            problem = "its shapes differ from the method's"
+        else:
+            method.load_partial(state)
+            return False
+    method.init_local()
+    if server_round == 1:
+        return False  # built, as every client does in the first round: nothing was lost
+    log.warning("round %d: local state rebuilt from the global model (%s)", server_round, problem)
+    return True
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = round_config(msg)
@@ -51,11 +78,7 @@ def train(msg: Message, context: Context) -> Message:
 
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
     method.load_partial(from_record(msg.content["arrays"]))
-    local = context.state.get(LOCAL_STATE_KEY)
-    if isinstance(local, ArrayRecord):
-        method.load_partial(from_record(local))
-    else:
-        method.init_local()
+    rebuilt = restore_local_state(method, context, server_round)
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
     # round number, so a client that skips rounds stays on the global schedule.
@@ -78,6 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": result.seconds,
         "images-per-second": result.images_per_second,
         "skipped-images": data.skipped,
+        "local-state-rebuilt": int(rebuilt),
         "threads": threads,
     })
     log.info("round %d: %d images, loss %.4f, %.0f img/s on %s", server_round, len(data),

@@ -17,7 +17,7 @@ class RunConfig:
     # what to train
     method: str = "byol"
     strategy: str = "fedavg"
-    encoder: str = "mobilenet_v3_small"
+    encoder: str = "resnet10"
     proj_dim: int = 256
     hidden_dim: int = 1024
     byol_tau: float = 0.99
@@ -27,19 +27,21 @@ class RunConfig:
     eval_path: str = ""
     image_size: int = 32
     blur: bool = False
-    crop_min_scale: float = 0.08
+    crop_min_scale: float = 0.2
     partition: str = "iid"
     alpha: float = 0.5
     shards_per_client: int = 2
     # federation
-    num_rounds: int = 10
+    num_rounds: int = 4
     fraction_train: float = 1.0
     min_train_clients: int = 2
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
+    max_update_norm_ratio: float = 10.0
+    resume: bool = False
     # local training
     local_epochs: int = 1
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -195,6 +197,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "min_train_clients": _at_least(1),
     "round_timeout": _positive,
     "node_wait_timeout": _positive,
+    "max_update_norm_ratio": _at_least(1.0),
     "local_epochs": _at_least(1),
     "batch_size": _at_least(2),
     "lr": _positive,

@@ -7,7 +7,7 @@ Augmentation works on these tensors in batches, so nothing here is per-sample at
 Sources (``SOURCES``):
 
 * ``synthetic`` - the embedded default (rendered by common/synthetic.py): 10 shape/texture classes with
-  random colours, position, scale and rotation, so class identity is *shape*, never colour.
+  random grey levels, position, scale and rotation, so class identity is *shape*, never colour.
   No files, no download, deterministic by seed; generated vectorised with torch.
 * ``imagefolder`` - any folder of images (recursive), any size or mode, resized so the shorter
   side is S and centre-cropped. Class = first-level subfolder when every image lies in one.

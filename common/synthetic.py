@@ -1,5 +1,5 @@
 """The embedded default data set: 10 procedurally generated shape/texture classes with random
-colours, position, scale and rotation, so class identity is shape, never colour. No files,
+grey levels, position, scale and rotation, so class identity is shape, never colour. No files,
 no download, deterministic by generator; rendered vectorised with torch."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def render_synthetic(labels: torch.Tensor, size: int, gen: torch.Generator) -> t
 
     Classes 0-4 are shapes (disc, ring, square, triangle, cross) at a random position, scale
     and rotation; 5-9 are textures filling the image (stripes at 0/90/±45 degrees, checkerboard,
-    dot lattice) at a random period and phase. Foreground and background colours are drawn
-    independently of the class (with a minimum contrast), on a random gradient with smooth
-    clutter and pixel noise. Masks are rendered at 2x and averaged, so edges are antialiased.
+    dot lattice) at a random period and phase. Foreground and background are faintly tinted grey
+    levels drawn independently of the class (with a minimum contrast), on a random gradient
+    with smooth grey clutter and pixel noise. Masks are rendered at 2x and averaged, so edges are antialiased.
     Work is done class by class in large tensor ops (few parallel regions: robust when the
     cores are shared), in pieces of at most ``_SYNTHETIC_MAX_ELEMENTS`` floats.
     """
@@ -85,15 +85,19 @@ def render_synthetic(labels: torch.Tensor, size: int, gen: torch.Generator) -> t
             mask = _class_mask(c, u, v).to(torch.float32).unsqueeze(1)
             soft[sel] = F.avg_pool2d(mask, 2)
 
-    # Colours: background gradient + smooth clutter; foreground with a minimum contrast.
-    bg0 = torch.rand((n, 3, 1, 1), generator=gen)
-    bg1 = (bg0 + 0.35 * torch.randn((n, 3, 1, 1), generator=gen)).clamp(0, 1)
+    # Colours: a grey level with a faint tint, for background and foreground alike, with a
+    # minimum contrast. Saturated random colours would make colour the easiest cue for telling
+    # one image from another (SSL's colour shortcut): an encoder would learn colour
+    # histograms first, and those carry nothing about the class.
+    def tinted(grey: torch.Tensor) -> torch.Tensor:
+        return (grey.view(n, 1, 1, 1) + 0.06 * torch.randn((n, 3, 1, 1), generator=gen)).clamp(0, 1)
+
+    bg_grey = 0.15 + 0.7 * torch.rand(n, generator=gen)
+    offset = 0.35 + 0.3 * torch.rand(n, generator=gen)
+    fg_grey = torch.where(bg_grey > 0.5, bg_grey - offset, bg_grey + offset).clamp(0, 1)
+    bg0, fg = tinted(bg_grey), tinted(fg_grey)
+    bg1 = (bg0 + 0.15 * torch.randn((n, 3, 1, 1), generator=gen)).clamp(0, 1)
     phi = u01[:, 5] * 2 * math.pi
-    candidates = torch.rand((n, 8, 3), generator=gen)
-    dist = (candidates - bg0.view(n, 1, 3)).norm(dim=2)
-    good = dist > 0.45
-    score = good.float() * (10.0 - torch.arange(8, dtype=torch.float32)) + dist * (~good).float()
-    fg = candidates[torch.arange(n), score.argmax(dim=1)].view(n, 3, 1, 1)
 
     pix = (torch.arange(S, dtype=torch.float32) + 0.5) / S - 0.5
     out = torch.empty((n, 3, S, S), dtype=torch.uint8)
@@ -103,7 +107,7 @@ def render_synthetic(labels: torch.Tensor, size: int, gen: torch.Generator) -> t
         m = sl.stop - s
         t = pix.view(1, 1, S) * phi[sl].cos().view(m, 1, 1) + pix.view(1, S, 1) * phi[sl].sin().view(m, 1, 1) + 0.5
         bg = bg0[sl] + (bg1[sl] - bg0[sl]) * t.unsqueeze(1)
-        bg += F.interpolate(0.10 * torch.randn((m, 3, 4, 4), generator=gen), size=(S, S), mode="bicubic", align_corners=False)
+        bg += F.interpolate(0.10 * torch.randn((m, 1, 4, 4), generator=gen), size=(S, S), mode="bicubic", align_corners=False)  # grey clutter, like the colours
         fgs = fg[sl] + F.interpolate(0.05 * torch.randn((m, 3, 3, 3), generator=gen), size=(S, S), mode="bilinear", align_corners=False)
         img = torch.lerp(bg, fgs, soft[sl].expand(m, 3, S, S))
         img += 0.035 * torch.randn((m, 3, S, S), generator=gen)

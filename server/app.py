@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.device import select_device, set_threads
 from common.logs import get_logger
 from common.methods import build_method
 from common.records import from_record, to_record
 from server.evaluation import GlobalEvaluator
+from server.nodes import wait_for_nodes
+from server.resume import RunState, load_run_state, rng_state, save_run_state, set_rng_state
 from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
 from server.strategies import build_strategy
 
@@ -27,15 +30,27 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunConfig.from_mapping(context.run_config))
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> int:
-    """Flower's sampler waits forever for missing nodes; fail with a reason instead."""
-    deadline = time.monotonic() + timeout
-    while (seen := len(list(grid.get_node_ids()))) < needed:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{seen} client node(s) connected within {timeout:.0f} s "
-                               f"(node-wait-timeout), {needed} needed (min-train-clients)")
-        time.sleep(1.0)
-    return seen
+def resume_point(cfg: RunConfig, out_dir: Path) -> RunState | None:
+    """The checkpoint a resumed run continues from; None for a fresh run."""
+    if not cfg.resume:
+        return None
+    path = out_dir / "checkpoint.safetensors"
+    if not cfg.out_dir or not path.is_file():
+        raise ConfigError(f"resume=True is invalid: out-dir={cfg.out_dir!r} holds no "
+                          "checkpoint.safetensors to resume from")
+    state = load_run_state(path)
+    if state.round > cfg.num_rounds:
+        raise ConfigError(f"num-rounds={cfg.num_rounds} is invalid: the checkpoint in "
+                          f"{str(out_dir)!r} is already at round {state.round}")
+    changed = sorted(k for k, v in cfg.to_mapping().items()
+                     if k in state.config and state.config[k] != v and k not in RESUMABLE_CHANGES)
+    if changed:
+        log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
+    return state
+
+
+# Settings that may differ between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = {"resume", "round-timeout", "node-wait-timeout", "device", "threads", "out-dir"}
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
@@ -44,17 +59,28 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     set_threads(cfg.threads)
     device = select_device(cfg.device)
-    out = RunDir(cfg.out_dir or default_out_dir())
+    out_path = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_out_dir()
+    start = resume_point(cfg, out_path)
+    history: list[dict[str, Any]] = list(start.history) if start else []
+    out = RunDir(out_path, history)
     strategy = build_strategy(cfg)
     method = build_method(cfg)
     evaluator = GlobalEvaluator(cfg, device)
     nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.node_wait_timeout)
     log.info("%s + %s, %s encoder, %d rounds, %d client nodes, output in %s",
              cfg.method, cfg.strategy, cfg.encoder, cfg.num_rounds, nodes, out.path)
-    history: list[dict[str, Any]] = []
+    if start:
+        method.load_partial(start.shared)
+        strategy.load_server_state(start.server_state)
+        strategy.resume_after(start.round)
+        log.info("resuming after round %d from %s", start.round, out.checkpoint_path)
+    done = start.round if start else 0
     clock = {"start": time.perf_counter(), "round": time.perf_counter()}
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + done
+        if flower_round == 0 and start:
+            return None  # evaluated and recorded before the interruption
         method.load_partial(from_record(arrays))
         final = server_round == cfg.num_rounds
         scores: dict[str, Any] = {}
@@ -68,21 +94,29 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             **scores,
             "train_loss": train.get("train-loss"),
             "client_images_per_second": train.get("images-per-second"),
+            "skipped_images": stats.get("skipped_images", 0),
             "clients_ok": stats.get("clients_ok", 0),
             "clients_failed": stats.get("clients_failed", 0),
             "failures": stats.get("failures", {}),
+            "aggregated": stats.get("aggregated", server_round > 0),
             "seconds": round(now - clock["round"], 3),
         }
         clock["round"] = now
         history.append(row)
+        # Checkpoint before the row: a row on disk always has its checkpoint. Weights come
+        # back from the method, so buffers keep their dtypes (FedAvg returns int64 counters
+        # as float64).
+        save_run_state(out.checkpoint_path,
+                       RunState(server_round, method.shared_state(), history,
+                                strategy.server_state(), rng_state()),
+                       weights_metadata(cfg, server_round))
         out.append_metrics(row)
-        # Weights come back from the method, so buffers keep their dtypes (FedAvg returns
-        # int64 counters as float64).
-        out.save_checkpoint(method.shared_state(), weights_metadata(cfg, server_round))
         log.info(_progress_line(row, cfg.num_rounds))
         return MetricRecord({k: float(v) for k, v in scores.items()})
 
-    strategy.start(grid, to_record(method.shared_state()), num_rounds=cfg.num_rounds,
+    if start:
+        set_rng_state(start.rng)  # after the model build and evaluator drew from them
+    strategy.start(grid, to_record(method.shared_state()), num_rounds=cfg.num_rounds - done,
                    timeout=cfg.round_timeout, train_config=ConfigRecord(cfg.to_mapping()),
                    evaluate_fn=evaluate)
 
@@ -100,6 +134,8 @@ def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
     parts = [f"round {row['round']}/{num_rounds}"]
     if row["round"] > 0:
         parts.append(f"clients {row['clients_ok']} ok {row['clients_failed']} failed")
+        if not row["aggregated"]:
+            parts.append("too few valid replies: global model kept")
         if row["train_loss"] is not None:
             parts.append(f"loss {row['train_loss']:.4f}")
     if "knn_top1" in row:

@@ -1,46 +1,104 @@
 """What every fedssl strategy adds to its Flower strategy: the round's learning rate in
-the train config, and a record of which clients replied, failed, and how they trained."""
+the train config, screening of every train reply before aggregation, a record of which
+clients were accepted or rejected and why, and the round offset and server state that
+let a run resume from a checkpoint."""
 from __future__ import annotations
 
 import logging
 from typing import Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.schedules import cosine
+from server.nodes import wait_for_nodes
+from server.validation import as_numpy, screen, spec_of
 
 log = logging.getLogger("fedssl")
 
 
 class SSLRounds:
-    """Mixin placed before a Flower strategy class: `class X(SSLRounds, FedAvg)`."""
+    """Mixin placed before a Flower strategy class: `class X(SSLRounds, FedAvg)`.
 
-    def setup_rounds(self, base_lr: float, num_rounds: int) -> None:
-        self.base_lr = base_lr
-        self.num_rounds = num_rounds
+    `server_state_attrs` names the attributes where the Flower strategy keeps state across
+    rounds as None or a dict of arrays (FedAdam's `m_t`, `v_t`, `current_arrays`), so a
+    checkpoint holds them without knowing which strategy it is; a strategy keeping state in
+    another shape overrides `server_state` / `load_server_state`.
+    """
+
+    server_state_attrs: tuple[str, ...] = ()
+
+    def setup_rounds(self, cfg) -> None:
+        self.base_lr = cfg.lr
+        self.num_rounds = cfg.num_rounds
+        self.min_valid = cfg.min_train_clients
+        self.max_norm_ratio = cfg.max_update_norm_ratio
+        self.round_timeout = cfg.round_timeout
+        self.node_wait_timeout = cfg.node_wait_timeout
+        self.round_offset = 0
         self.round_stats: dict[int, dict] = {}
+        self._spec: dict | None = None
+        self._global: dict[str, np.ndarray] = {}
+        self._sent: dict[int, list[int]] = {}
+
+    def resume_after(self, completed_round: int) -> None:
+        """Flower's start() always counts rounds from 1; shift them so a resumed run sends
+        and records the true round numbers (and the schedule continues where it stopped)."""
+        self.round_offset = completed_round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
+        # Flower's sampler would wait forever for nodes that left; fail with numbers instead.
+        wait_for_nodes(grid, self.min_valid, self.node_wait_timeout)
+        self._global = as_numpy(arrays)
+        # Replies are held to the first model's keys, shapes and dtypes: later global models
+        # come back from FedAvg with integer buffers as float64, clients keep them integer.
+        self._spec = self._spec or spec_of(self._global)
         # Cosine decay over rounds, ending just above 0 so the last round still learns.
         round_config = ConfigRecord(dict(config))
         round_config["lr"] = cosine((server_round - 1) / self.num_rounds, self.base_lr, 0.0)
-        return super().configure_train(server_round, arrays, round_config, grid)
+        messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
-        failed = {m.metadata.src_node_id: m.error.reason for m in replies if m.has_error()}
-        for node, reason in failed.items():
-            log.warning("round %d: client %s failed: %s", server_round, node, reason)
-        arrays, metrics = super().aggregate_train(server_round, ok)
+        verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio)
+        replied = {m.metadata.src_node_id for m in replies}
+        for node in self._sent.pop(server_round, []):
+            if node not in replied:
+                verdict.rejected[node] = f"no reply within round-timeout ({self.round_timeout:g} s)"
+        for node, reason in sorted(verdict.rejected.items()):
+            log.warning("round %d: client %s rejected: %s", server_round, node, reason)
+
+        arrays = metrics = None
+        if len(verdict.accepted) >= self.min_valid:
+            arrays, metrics = super().aggregate_train(server_round, verdict.accepted)
+        else:
+            log.warning("round %d: %d valid replies, %d needed (min-train-clients); the global "
+                        "model stays as it was", server_round, len(verdict.accepted), self.min_valid)
         self.round_stats[server_round] = {
-            "clients_ok": len(ok),
-            "clients_failed": len(failed),
-            "failures": {str(k): v for k, v in failed.items()},
+            "clients_ok": len(verdict.accepted),
+            "clients_failed": len(verdict.rejected),
+            "failures": {str(k): v for k, v in sorted(verdict.rejected.items())},
+            "aggregated": arrays is not None,
+            # Summed here: Flower's metric aggregation is an example-weighted mean.
+            "skipped_images": sum(int(m.content.metric_records[name].get("skipped-images", 0))
+                                  for m in verdict.accepted for name in m.content.metric_records),
             "train_metrics": dict(metrics) if metrics is not None else {},
         }
-        if arrays is None:
-            log.warning("round %d: no usable reply; the global model stays as it was", server_round)
         return arrays, metrics
+
+    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """The wrapped strategy's own state, for a checkpoint."""
+        return {attr: {k: np.asarray(v) for k, v in getattr(self, attr).items()}
+                for attr in self.server_state_attrs if getattr(self, attr, None) is not None}
+
+    def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        for attr, arrays in state.items():
+            if attr not in self.server_state_attrs:
+                raise KeyError(f"checkpoint holds server state {attr!r} this strategy does not keep")
+            setattr(self, attr, dict(arrays))

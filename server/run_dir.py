@@ -33,18 +33,23 @@ def summarize(cfg, history: list[dict[str, Any]], *, seconds: float, encoder: Pa
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]] = ()):
+        """`rows`: the history a resumed run continues; rows a killed run wrote after its
+        last checkpoint are dropped, so metrics.jsonl and the checkpoint agree."""
         self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        self.checkpoint_path = self.path / "checkpoint.safetensors"
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
     def save_checkpoint(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        save_weights(self.path / "checkpoint.safetensors", shared_state, metadata)
+        """Weights only (the centralized baseline); a federation saves a resumable RunState."""
+        save_weights(self.checkpoint_path, shared_state, metadata)
 
     def export_encoder(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         path = self.path / "encoder.safetensors"

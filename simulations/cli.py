@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.config import ConfigError, RunConfig, defaults
+from simulations import deploy_cli
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Flags that are easier to type than their run-config keys.
@@ -46,8 +47,10 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
         for key, default in defaults().items():
             flags = [f"--{key}"] + [f"--{a}" for a, k in ALIASES.items() if k == key]
+            # A bare boolean flag (`--resume`) means true.
+            bare = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             sub.add_argument(*flags, dest=key, default=None, metavar=type(default).__name__.upper(),
-                             help=f"(default: {default!r})")
+                             help=f"(default: {default!r})", **bare)
         if name == "simulate":
             sub.add_argument("--num-clients", dest="num-clients", type=int, default=None,
                              help=f"virtual clients (default: {HARNESS_DEFAULTS['num-clients']})")
@@ -57,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
                              help="GPU share per client (default: 0)")
             sub.add_argument("--ray-address", dest="ray-address", default=None,
                              help="connect to an existing Ray cluster instead of starting one")
+    deploy_cli.add_commands(commands)
     return top
 
 
@@ -77,6 +81,9 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
     from server.evaluation import eval_source
     from server.strategies import build_strategy
 
+    if cfg.resume:
+        from server.app import resume_point
+        resume_point(cfg, Path(cfg.out_dir).expanduser())
     build_strategy(cfg)
     images = load_images(cfg.dataset, cfg.data_path, cfg.image_size, seed=cfg.seed)
     if num_clients is not None:
@@ -99,6 +106,8 @@ def quiet_engines(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in deploy_cli.COMMANDS:
+        return deploy_cli.run(args)
     from common.datasets import DataError
 
     try:

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.supercore.telemetry import EventType
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
@@ -29,8 +30,10 @@ def backend_config(client_cpus: float, client_gpus: float, ray_address: str | No
 
 
 def simulate(cfg: RunConfig, *, num_clients: int, client_cpus: float = 2.0,
-             client_gpus: float = 0.0, ray_address: str | None = None) -> dict[str, Any]:
-    """Run a federated simulation of `num_clients` virtual clients; return the summary."""
+             client_gpus: float = 0.0, ray_address: str | None = None,
+             client: ClientApp = client_app) -> dict[str, Any]:
+    """Run a federated simulation of `num_clients` virtual clients; return the summary.
+    `client` replaces the ClientApp (tests inject faulty sites)."""
     # Ray workers need not report home, and must not guess at GPUs that aren't there.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -44,7 +47,7 @@ def simulate(cfg: RunConfig, *, num_clients: int, client_cpus: float = 2.0,
     _run_simulation(
         num_supernodes=num_clients,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
+        client_app=client,
         server_app=server_app,
         backend_name="ray",
         backend_config=backend_config(client_cpus, client_gpus, ray_address),

@@ -37,6 +37,18 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"), per_class=24)
 
 
+@pytest.fixture(scope="session")
+def small_image_folder(tmp_path_factory) -> Path:
+    """4 classes x 6 images, for tests that run several whole federations."""
+    return write_image_folder(tmp_path_factory.mktemp("small-images"), per_class=6)
+
+
+def fast_config(folder: Path, out: Path, **changes) -> RunConfig:
+    """tiny_config at 16 px, one thread and no probe: a whole round in well under a second."""
+    base = dict(image_size=16, batch_size=4, threads=1, probe=False, knn_k=5)
+    return tiny_config(folder, out, **{**base, **changes})
+
+
 def tiny_config(folder: Path, out: Path, **changes) -> RunConfig:
     """A run that takes seconds: the compact encoder, small heads, small batches."""
     base = dict(dataset="imagefolder", data_path=str(folder), eval_path=str(folder),

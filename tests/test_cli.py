@@ -44,3 +44,13 @@ def test_console_script_has_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "method='x' is invalid" in proc.stderr
+
+
+def test_bare_boolean_flags_mean_true_and_resume_needs_a_checkpoint(tmp_path, capsys):
+    from simulations.cli import parser, settings
+
+    cfg, _ = settings(parser().parse_args(["simulate", "--resume", "--probe", "false"]))
+    assert cfg.resume is True and cfg.probe is False
+    assert main(["simulate", "--resume", "--out", str(tmp_path / "gone")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "resume=True is invalid" in err and str(tmp_path / "gone") in err and "\n" not in err

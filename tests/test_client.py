@@ -10,7 +10,7 @@ from common.datasets import DataError
 from common.methods import build_method
 from common.records import from_record, to_record
 from inprocess import InProcessGrid
-from conftest import tiny_config
+from conftest import fast_config, tiny_config
 
 
 def train_message(cfg, server_round: int = 1) -> Message:
@@ -69,3 +69,28 @@ def test_a_site_without_data_fails_with_a_clear_reason(image_folder, tmp_path, n
     cfg = tiny_config(image_folder, tmp_path)
     with pytest.raises(DataError, match=fragment):
         client_app(train_message(cfg), context(node_config))
+
+
+@pytest.mark.parametrize("lost", ["missing", "wrong-keys", "wrong-shapes"])
+def test_a_client_that_lost_its_local_state_rebuilds_it_from_the_global_model(
+        small_image_folder, tmp_path, caplog, lost):
+    cfg = fast_config(small_image_folder, tmp_path)
+    ctx = context({"partition-id": 0, "num-partitions": 2})
+    assert client_app(train_message(cfg, 1), ctx).content["metrics"]["local-state-rebuilt"] == 0
+    kept = from_record(ctx.state[LOCAL_STATE_KEY])
+    # continued in round 2 from round 1's target: nothing rebuilt
+    assert client_app(train_message(cfg, 2), ctx).content["metrics"]["local-state-rebuilt"] == 0
+
+    if lost == "missing":  # a restarted SuperNode, or a resumed server's new run
+        del ctx.state[LOCAL_STATE_KEY]
+    elif lost == "wrong-keys":  # e.g. saved by another method
+        ctx.state[LOCAL_STATE_KEY] = to_record({"queue": torch.zeros(4, 8)})
+    else:
+        ctx.state[LOCAL_STATE_KEY] = to_record({k: (v[..., :1].clone() if v.ndim else v) for k, v in kept.items()})
+    with caplog.at_level("WARNING", logger="fedssl"):
+        reply = client_app(train_message(cfg, 3), ctx)
+    assert not reply.has_error() and reply.content["metrics"]["local-state-rebuilt"] == 1
+    assert "round 3: local state rebuilt from the global model" in caplog.text
+    rebuilt = from_record(ctx.state[LOCAL_STATE_KEY])
+    assert set(rebuilt) == set(kept)
+    assert all(rebuilt[k].shape == kept[k].shape for k in kept)

@@ -37,4 +37,4 @@ def test_fedssl_simulate_three_clients_two_rounds(image_folder, tmp_path):
     state, meta = load_weights(out / "checkpoint.safetensors")
     assert meta["round"] == 2
     assert any(not torch.equal(state[k], initial[k]) for k in initial if k.startswith("encoder."))
-    assert load_encoder(out / "encoder.safetensors").eval()(torch.rand(1, 3, 32, 32)).shape == (1, 576)
+    assert load_encoder(out / "encoder.safetensors").eval()(torch.rand(1, 3, 32, 32)).shape == (1, 512)

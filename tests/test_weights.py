@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.models.resnet import BasicBlock, ResNet
 
 from common import checkpoint
 from common.checkpoint import export_encoder, load_encoder, load_weights, read_metadata, save_weights
@@ -41,9 +42,9 @@ def test_checkpoint_write_is_atomic_and_keeps_metadata(tmp_path, monkeypatch):
 
 def _torchvision_model(encoder: str) -> nn.Module:
     """What a downstream user writes: torchvision's model with the documented stem change."""
-    if encoder == "resnet18":
-        net = models.resnet18()
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    if encoder.startswith("resnet"):
+        net = models.resnet18() if encoder == "resnet18" else ResNet(BasicBlock, [1, 1, 1, 1])
+        net.conv1 = nn.Conv2d(3, 64, 3, 1 if encoder == "resnet18" else 2, 1, bias=False)
         net.maxpool = nn.Identity()
         net.fc = nn.Identity()
     else:
@@ -53,7 +54,7 @@ def _torchvision_model(encoder: str) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("encoder", ["mobilenet_v3_small", "resnet18"])
+@pytest.mark.parametrize("encoder", ["mobilenet_v3_small", "resnet18", "resnet10"])
 def test_exported_encoder_loads_into_plain_torchvision(tmp_path, encoder):
     cfg = RunConfig(encoder=encoder, proj_dim=16, hidden_dim=32)
     method = build_method(cfg)

@@ -17,5 +17,5 @@ def build_strategy(cfg: RunConfig) -> SSLRounds:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid: allowed: {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[cfg.strategy](cfg)
-    strategy.setup_rounds(cfg.lr, cfg.num_rounds)
+    strategy.setup_rounds(cfg)
     return strategy

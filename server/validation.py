@@ -1,0 +1,141 @@
+"""Which train replies may be aggregated. A site we do not control can send anything; one
+bad reply averaged in corrupts the global model for every site, and one malformed reply
+makes Flower's aggregation raise for the whole round. So every reply is screened here
+first and a rejected one carries a one-line reason for metrics.jsonl and the log."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+WEIGHT_KEY = "num-examples"
+# Every array key is named when few differ; a reason stays one readable line otherwise.
+MAX_KEYS_NAMED = 3
+
+Spec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def spec_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
+
+
+def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _named(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - MAX_KEYS_NAMED} more)" if len(keys) > MAX_KEYS_NAMED else ""
+    return ", ".join(keys[:MAX_KEYS_NAMED]) + more
+
+
+def array_problem(arrays: Mapping[str, np.ndarray], spec: Spec) -> str | None:
+    """Why these arrays cannot stand in for the global model, or None."""
+    missing, extra = spec.keys() - arrays.keys(), arrays.keys() - spec.keys()
+    if missing:
+        return f"missing arrays: {_named(missing)}"
+    if extra:
+        return f"unexpected arrays: {_named(extra)}"
+    for key, (shape, dtype) in spec.items():
+        value = arrays[key]
+        if tuple(value.shape) != shape:
+            return f"array {key} has shape {tuple(value.shape)}, expected {shape}"
+        if value.dtype != dtype:
+            return f"array {key} has dtype {value.dtype}, expected {dtype}"
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return f"array {key} holds NaN or Inf"
+    return None
+
+
+def metrics_problem(metrics: Mapping[str, object]) -> str | None:
+    weight = metrics.get(WEIGHT_KEY)
+    if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+        return f"metric {WEIGHT_KEY} is {weight!r}, expected a positive number"
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(np.isfinite(v) for v in values):
+            return f"metric {key} is not finite"
+    return None
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """||client - global|| over floating-point arrays; integer buffers (BN step counters)
+    count steps, not learning, and would only measure how much data a site has."""
+    total = 0.0
+    for key, value in arrays.items():
+        if value.dtype.kind == "f":
+            diff = value.astype(np.float64) - np.asarray(reference[key], dtype=np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return total ** 0.5
+
+
+def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str]:
+    """Updates more than `max_ratio` times the median norm. The lower median, so that with
+    two replies a huge one is judged against the normal one, not against their mean."""
+    if not norms:
+        return {}
+    median = statistics.median_low(norms.values())
+    if median <= 0:
+        return {}  # nobody moved: nothing to be far from
+    bound = max_ratio * median
+    return {node: f"update norm {norm:.4g} is more than {max_ratio:g} x the round's median {median:.4g}"
+            for node, norm in norms.items() if norm > bound}
+
+
+def _signature(reply: Message) -> tuple:
+    content = reply.content
+    metrics = next(iter(content.metric_records.values()))
+    return (tuple(content.array_records), tuple(content.metric_records), tuple(sorted(metrics)))
+
+
+@dataclass
+class Screening:
+    accepted: list[Message] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+def _reply_problem(reply: Message, spec: Spec) -> tuple[str | None, dict[str, np.ndarray]]:
+    if reply.has_error():
+        return f"client error: {reply.error.reason}", {}
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} "
+                f"and {len(content.metric_records)}"), {}
+    try:
+        arrays = as_numpy(next(iter(content.array_records.values())))
+    except Exception as err:  # undecodable bytes are a bad reply, not a server crash
+        return f"arrays cannot be decoded: {type(err).__name__}: {err}", {}
+    problem = array_problem(arrays, spec) or metrics_problem(next(iter(content.metric_records.values())))
+    return problem, arrays
+
+
+def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.ndarray],
+           max_norm_ratio: float) -> Screening:
+    """Split a round's train replies into those safe to aggregate and rejected ones."""
+    result = Screening()
+    candidates: list[tuple[Message, dict[str, np.ndarray]]] = []
+    for reply in replies:
+        problem, arrays = _reply_problem(reply, spec)
+        if problem:
+            result.rejected[reply.metadata.src_node_id] = problem
+        else:
+            candidates.append((reply, arrays))
+
+    # Flower aggregates only replies that share record names and metric keys; the most
+    # common layout is the protocol, a stray one is the odd site out.
+    if candidates:
+        usual, _ = Counter(_signature(r) for r, _ in candidates).most_common(1)[0]
+        for reply, _ in candidates:
+            if _signature(reply) != usual:
+                result.rejected[reply.metadata.src_node_id] = (
+                    f"record names or metric keys {_signature(reply)} differ from the other replies' {usual}")
+        candidates = [(r, a) for r, a in candidates if _signature(r) == usual]
+
+    norms = {reply.metadata.src_node_id: update_norm(arrays, reference) for reply, arrays in candidates}
+    result.rejected.update(norm_outliers(norms, max_norm_ratio))
+    result.accepted = [r for r, _ in candidates if r.metadata.src_node_id not in result.rejected]
+    return result

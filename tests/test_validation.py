@@ -1,0 +1,134 @@
+"""The update validator: property-based (hypothesis) over random models and corruptions."""
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from hypothesis import given, settings, strategies as st
+
+from server.validation import norm_outliers, screen, spec_of, update_norm
+from inprocess import InProcessGrid
+
+RATIO = 10.0
+DTYPES = st.sampled_from([np.float32, np.float64, np.int64])
+KEYS = st.lists(st.from_regex(r"[a-z]{1,6}(\.[a-z]{1,6}){0,2}", fullmatch=True),
+                min_size=1, max_size=5, unique=True)
+SHAPES = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+FAST = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def models(draw) -> dict[str, np.ndarray]:
+    """A global model: named arrays of random shapes and dtypes, at least one floating."""
+    keys = draw(KEYS)
+    model = {k: np.full(draw(SHAPES), draw(st.integers(-3, 3)), dtype=draw(DTYPES)) for k in keys}
+    model[keys[0]] = np.asarray(model[keys[0]], dtype=np.float32)
+    return model
+
+
+def nudged(model: dict[str, np.ndarray], scale: float, seed: int) -> dict[str, np.ndarray]:
+    """A client's update: every floating array moved by a random step of norm `scale`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    floats = [k for k, v in model.items() if v.dtype.kind == "f"]
+    steps = {k: rng.standard_normal(model[k].shape) for k in floats}
+    total = np.sqrt(sum(float((s ** 2).sum()) for s in steps.values())) or 1.0
+    for key, value in model.items():
+        step = steps[key] * scale / total if key in steps else 0
+        out[key] = np.asarray(value + step, dtype=value.dtype)
+    return out
+
+
+def reply(node: int, arrays: dict[str, np.ndarray], **metrics) -> Message:
+    request = Message(RecordDict(), node, "train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5, **metrics})})
+    return Message(content, reply_to=request)
+
+
+def setup_module():
+    InProcessGrid(lambda m, c: m, num_nodes=1)  # messages need the process's task identity
+
+
+@FAST
+@given(model=models(), scales=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=6), seed=st.integers(0, 99))
+def test_honest_replies_are_all_accepted(model, scales, seed):
+    # honest sites differ, but by less than the bound (half of it: float32 rounding)
+    scales = [max(s, 2 * max(scales) / RATIO) for s in scales]
+    replies = [reply(i, nudged(model, s, seed + i)) for i, s in enumerate(scales)]
+    result = screen(replies, spec_of(model), model, RATIO)
+    assert result.rejected == {}
+    assert len(result.accepted) == len(replies)
+
+
+CORRUPTIONS = ["drop", "extra", "shape", "dtype", "nan", "inf", "huge", "weight", "error", "metric"]
+
+
+@FAST
+@given(model=models(), corruption=st.sampled_from(CORRUPTIONS), honest=st.integers(2, 5),
+       seed=st.integers(0, 99))
+def test_one_corrupted_reply_is_rejected_with_a_reason_and_the_rest_kept(model, corruption, honest, seed):
+    good = [reply(i, nudged(model, 0.1, seed + i)) for i in range(honest)]
+    bad_arrays = nudged(model, 0.1, seed + 99)
+    key = next(iter(model))  # a floating-point array
+    metrics = {}
+    expected = key
+    if corruption == "drop":
+        del bad_arrays[key]
+    elif corruption == "extra":
+        bad_arrays["zz.extra"] = np.zeros(2, np.float32)
+        expected = "zz.extra"
+    elif corruption == "shape":
+        bad_arrays[key] = np.zeros(model[key].shape + (2,), np.float32)
+    elif corruption == "dtype":
+        bad_arrays[key] = bad_arrays[key].astype(np.float16)
+    elif corruption in ("nan", "inf"):
+        bad_arrays[key] = bad_arrays[key].copy()
+        bad_arrays[key].flat[0] = np.nan if corruption == "nan" else np.inf
+        expected = "NaN or Inf"
+    elif corruption == "huge":
+        bad_arrays = nudged(model, 0.1 * RATIO * 50, seed)
+        expected = "update norm"
+    elif corruption == "weight":
+        metrics = {"num-examples": 0}
+        expected = "num-examples"
+    elif corruption == "metric":
+        metrics = {"train-loss": float("nan")}
+        expected = "train-loss"
+    bad = reply(77, bad_arrays, **metrics)
+    if corruption == "error":
+        bad = Message(Error(code=0, reason="disk on fire"), reply_to=Message(RecordDict(), 77, "train"))
+        expected = "disk on fire"
+
+    result = screen([*good, bad], spec_of(model), model, RATIO)
+    assert set(result.rejected) == {77}
+    assert expected in result.rejected[77] and "\n" not in result.rejected[77]
+    assert [m.metadata.src_node_id for m in result.accepted] == list(range(honest))
+
+
+@FAST
+@given(model=models(), extra_metric=st.booleans(), seed=st.integers(0, 99))
+def test_a_reply_with_other_metric_keys_than_the_rest_is_rejected(model, extra_metric, seed):
+    odd = {"surprise": 1.0} if extra_metric else {}
+    replies = [reply(i, nudged(model, 0.1, seed + i)) for i in range(3)]
+    replies.append(reply(9, nudged(model, 0.1, seed), **odd) if odd else
+                   Message(RecordDict({"arrays": replies[0].content["arrays"],
+                                       "metrics": MetricRecord({"num-examples": 3})}),
+                           reply_to=Message(RecordDict(), 9, "train")))
+    result = screen(replies, spec_of(model), model, RATIO)
+    assert set(result.rejected) == {9} and "differ from the other replies" in result.rejected[9]
+
+
+@FAST
+@given(norms=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=9), ratio=st.floats(1.0, 100.0))
+def test_norm_outliers_are_exactly_those_above_ratio_times_lower_median(norms, ratio):
+    by_node = dict(enumerate(norms))
+    median = sorted(norms)[(len(norms) - 1) // 2]
+    assert set(norm_outliers(by_node, ratio)) == {i for i, n in by_node.items() if n > ratio * median}
+    # the median reply itself, and at least half of them, always pass
+    assert len(norm_outliers(by_node, ratio)) <= len(norms) // 2
+
+
+@FAST
+@given(model=models(), scale=st.floats(0.0, 10.0), seed=st.integers(0, 99))
+def test_update_norm_measures_the_floating_point_step(model, scale, seed):
+    assert np.isclose(update_norm(nudged(model, scale, seed), model), scale, rtol=1e-3, atol=1e-3)
