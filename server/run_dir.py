@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import atomic_write, export_encoder, save_weights
+from common.checkpoint import atomic_write, export_encoder
 
 
 def default_out_dir() -> Path:
@@ -46,10 +46,6 @@ class RunDir:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    def save_checkpoint(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        """Weights only (the centralized baseline); a federation saves a resumable RunState."""
-        save_weights(self.checkpoint_path, shared_state, metadata)
 
     def export_encoder(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         path = self.path / "encoder.safetensors"
