@@ -69,7 +69,7 @@ def main() -> int:
         dep.wait_online(len(sites))
         eval_folder = write_image_folder(root / "eval", per_class=4, seed=99)
         out = root / "run"
-        run_config = (f'num-rounds={args.rounds} dataset="imagefolder" data-path="{eval_folder}" '
+        run_config = (f'num-rounds={args.rounds} fraction-train=1.0 dataset="imagefolder" data-path="{eval_folder}" '
                       f'eval-path="{eval_folder}" batch-size=4 proj-dim=32 hidden-dim=64 knn-k=5 '
                       f'eval-bank-size=16 eval-query-size=8 probe=false threads=1 '
                       f'min-train-clients={args.sites} out-dir="{out}"')

@@ -5,8 +5,9 @@ kNN curve of a short centralized run through the clients' own hot path (train_ep
     python benchmarks/encoder_choice.py learn --encoder resnet10 [--dataset imagefolder
         --data-path CIFAR] [--chunks 4 --chunk-images 10000 --batch 128 --crop-min-scale 0.2]
 
-`speed` interleaves the encoders round by round in one process (load from other processes
-hits all alike) and reports each one's best round and the ratio to the first. `learn`
+`speed` interleaves the encoders, each in fp32 and (where the CPU has native bf16) under bf16
+autocast, round by round in one process (load from other processes hits all alike), and
+reports each one's best round and the ratio to the first. `learn`
 prints kNN top-1 (5,000-image bank, 5,000 queries) before training and after each chunk.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common.config import RunConfig  # noqa: E402
 from common.datasets import load_eval_split, load_images  # noqa: E402
-from common.device import set_threads  # noqa: E402
+from common.device import cpu_has_native_bf16, set_threads  # noqa: E402
 from common.evaluation import collapse_std, embed, knn_top1  # noqa: E402
 from common.methods import build_method  # noqa: E402
 from common.training import augmenter, train_epochs  # noqa: E402
@@ -31,31 +32,38 @@ CPU = torch.device("cpu")
 def _train(method, cfg: RunConfig, images: torch.Tensor, seed: int = 0, **progress):
     return train_epochs(method, images, augmenter(cfg), epochs=1, batch_size=cfg.batch_size,
                         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                        device=CPU, seed=seed, **progress)
+                        device=CPU, seed=seed, amp=cfg.amp, **progress)
 
 
 def speed(args) -> None:
     images = torch.randint(0, 256, (args.batch * args.steps, 3, 32, 32), dtype=torch.uint8)
+    # fp32 beside bf16 autocast, where the CPU runs bf16 natively (common/device.autocast).
+    precisions = [False, True] if cpu_has_native_bf16() and not args.no_amp else [False]
     methods = {}
     for name in args.encoders:
-        cfg = RunConfig(encoder=name, method=args.method, batch_size=args.batch)
-        methods[name] = (cfg, build_method(cfg))
-        methods[name][1].init_local()
-        _train(methods[name][1], cfg, images[: 2 * args.batch])  # warm-up
-    best = {name: 0.0 for name in methods}
+        for amp in precisions:
+            cfg = RunConfig(encoder=name, method=args.method, batch_size=args.batch, amp=amp)
+            label = f"{name} {'bf16' if amp else 'fp32'}"
+            methods[label] = (cfg, build_method(cfg))
+            # bf16 itself, also for an encoder that opts out of it on CPUs (the reason it does)
+            methods[label][1].encoder.cpu_bf16 = amp
+            methods[label][1].init_local()
+            _train(methods[label][1], cfg, images[: 2 * args.batch])  # warm-up
+    best = {label: 0.0 for label in methods}
     for _ in range(args.rounds):
-        for name, (cfg, method) in methods.items():
-            best[name] = max(best[name], _train(method, cfg, images).images_per_second)
-    first = best[args.encoders[0]]
-    for name, value in best.items():
-        print(f"{name:20s} {value:7.0f} images/s ({args.method} client step, batch "
+        for label, (cfg, method) in methods.items():
+            best[label] = max(best[label], _train(method, cfg, images).images_per_second)
+    first = next(iter(best.values()))
+    for label, value in best.items():
+        print(f"{label:25s} {value:7.0f} images/s ({args.method} client step, batch "
               f"{args.batch}, two views)  x{value / first:.2f}")
 
 
 def learn(args) -> None:
     cfg = RunConfig(encoder=args.encoder, method=args.method, dataset=args.dataset,
                     data_path=args.data_path, batch_size=args.batch,
-                    crop_min_scale=args.crop_min_scale)
+                    crop_min_scale=args.crop_min_scale, lr=args.lr, byol_tau=args.tau,
+                    amp=not args.no_amp)
     train = load_images(cfg.dataset, cfg.data_path, cfg.image_size)
     bank, query = load_eval_split(cfg.dataset, cfg.data_path, cfg.image_size)
     gen = torch.Generator().manual_seed(0)
@@ -92,6 +100,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--data-path", default="")
     parser.add_argument("--crop-min-scale", type=float, default=RunConfig.crop_min_scale)
+    parser.add_argument("--lr", type=float, default=RunConfig.lr)
+    parser.add_argument("--tau", type=float, default=RunConfig.byol_tau)
+    parser.add_argument("--no-amp", action="store_true", help="fp32 only, even where bf16 is native")
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--chunk-images", type=int, default=10000)
     args = parser.parse_args()

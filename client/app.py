@@ -5,18 +5,23 @@ from __future__ import annotations
 import functools
 import logging
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local_data import local_images
 from common.config import RunConfig
 from common.device import select_device, set_threads
+from common.global_updates import Rule, rule_for
 from common.methods import MODEL_FIELDS, build_method
 from common.records import from_record, to_record
 from common.training import augmenter, steps_per_epoch, train_epochs
 
 log = logging.getLogger("fedssl")
 LOCAL_STATE_KEY = "fedssl-local"
+# For the strategy's client-side rule (common/global_updates): this node's shared arrays after
+# its last round, and the rule's own numbers (FedEMA's lambda).
+PREVIOUS_KEY = "fedssl-previous-shared"
+MEMO_KEY = "fedssl-update-memo"
 
 app = ClientApp()
 
@@ -65,8 +70,26 @@ def restore_local_state(method, context: Context, server_round: int) -> bool:
     method.init_local()
     if server_round == 1:
         return False  # built, as every client does in the first round: nothing was lost
-    log.warning("round %d: local state rebuilt from the global model (%s)", server_round, problem)
+    # With client sampling a node's first round may come late, and then nothing was lost
+    # either; state that is there but does not fit is always worth a warning.
+    missing = problem == "none kept"
+    log.log(logging.INFO if missing else logging.WARNING,
+            "round %d: local state rebuilt from the global model (%s)", server_round,
+            "none kept: this node's first round, or it restarted" if missing else problem)
     return True
+
+
+def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context) -> Rule:
+    """Load the global shared arrays as the run's strategy says: most replace the local ones,
+    FedU and FedEMA keep some of this node's own."""
+    rule = rule_for(cfg.strategy)
+    kept = context.state.get(PREVIOUS_KEY)
+    previous = from_record(kept) if isinstance(kept, ArrayRecord) else None
+    memo = dict(context.state.get(MEMO_KEY, {}))
+    rule.apply(cfg, method, from_record(arrays), previous, memo)
+    if memo:
+        context.state[MEMO_KEY] = ConfigRecord(memo)
+    return rule
 
 
 @app.train()
@@ -77,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     data = local_images(cfg, context.node_config)
 
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
-    method.load_partial(from_record(msg.content["arrays"]))
+    rule = enter_global(cfg, method, msg.content["arrays"], context)
     rebuilt = restore_local_state(method, context, server_round)
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
@@ -95,6 +118,8 @@ def train(msg: Message, context: Context) -> Message:
     local_state = method.local_state()
     if local_state:
         context.state[LOCAL_STATE_KEY] = to_record(local_state)
+    if rule.keeps_previous:
+        context.state[PREVIOUS_KEY] = to_record(method.shared_state())
     metrics = MetricRecord({
         "num-examples": len(data),
         "train-loss": result.loss,

@@ -48,6 +48,9 @@ def mobilenet_v3_small(image_size: int) -> tuple[nn.Module, int]:
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = 0.1
+    # Its depthwise convolutions run about 2x slower under bf16 autocast on a CPU, where
+    # resnets run 1.8-2.7x faster (benchmarks/encoder_choice.py speed): fp32 there.
+    net.cpu_bf16 = False
     return net, 576
 
 

@@ -6,12 +6,11 @@ aggregated encoder without any labels ever reaching the training loop.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from common.augment import normalize
+from common.device import autocast
 
 __all__ = ["collapse_std", "embed", "knn_top1", "linear_probe"]
 
@@ -31,18 +30,12 @@ def embed(
     """
     device = torch.device(device)
     modes = {module: module.training for module in encoder.modules()}
-    # bf16 autocast only on CUDA: on CPU it is slower than float32 for these models.
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
     encoder.eval()
     try:
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = normalize(images[start : start + batch_size].to(device, non_blocking=True))
-            with autocast:
+            with autocast(device, model=encoder):
                 features = encoder(batch)
             chunks.append(features.flatten(1).float().cpu())
     finally:

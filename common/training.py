@@ -2,7 +2,6 @@
 baseline, so both run the same hot path."""
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from common.augment import AugmentConfig, TwoViewAugment
+from common.device import autocast
 from common.methods.base import SSLMethod
 
 
@@ -65,8 +65,6 @@ def train_epochs(
     total = epochs * per_epoch
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
-                else contextlib.nullcontext())
     pin = device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
@@ -78,7 +76,7 @@ def train_epochs(
             if pin:
                 chunk = chunk.pin_memory()
             view1, view2 = augment(chunk.to(device, non_blocking=True), aug_generator)
-            with autocast:
+            with autocast(device, amp, method.encoder):
                 loss = method(view1, view2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

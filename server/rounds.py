@@ -18,6 +18,13 @@ from server.validation import as_numpy, screen, spec_of
 log = logging.getLogger("fedssl")
 
 
+def sampling(cfg) -> dict:
+    """The Flower strategy arguments every rule shares: who trains each round. Evaluation is
+    the server's own (server/evaluation.py), so no client is asked to evaluate."""
+    return dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+                min_train_nodes=cfg.min_train_clients, min_available_nodes=cfg.min_train_clients)
+
+
 class SSLRounds:
     """Mixin placed before a Flower strategy class: `class X(SSLRounds, FedAvg)`.
 

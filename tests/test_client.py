@@ -87,7 +87,7 @@ def test_a_client_that_lost_its_local_state_rebuilds_it_from_the_global_model(
         ctx.state[LOCAL_STATE_KEY] = to_record({"queue": torch.zeros(4, 8)})
     else:
         ctx.state[LOCAL_STATE_KEY] = to_record({k: (v[..., :1].clone() if v.ndim else v) for k, v in kept.items()})
-    with caplog.at_level("WARNING", logger="fedssl"):
+    with caplog.at_level("INFO", logger="fedssl"):
         reply = client_app(train_message(cfg, 3), ctx)
     assert not reply.has_error() and reply.content["metrics"]["local-state-rebuilt"] == 1
     assert "round 3: local state rebuilt from the global model" in caplog.text

@@ -19,7 +19,7 @@ def test_fedssl_simulate_three_clients_two_rounds(image_folder, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "imagefolder", "--data-path", str(image_folder),
             "--eval-path", str(image_folder), "--num-clients", "3", "--client-cpus", "1",
-            "--rounds", "2", "--batch-size", "8", "--proj-dim", "32", "--hidden-dim", "64",
+            "--rounds", "2", "--fraction", "1", "--batch-size", "8", "--proj-dim", "32", "--hidden-dim", "64",
             "--knn-k", "10", "--partition", "dirichlet", "--alpha", "1.0", "--out", str(out)]
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", *args],
                           capture_output=True, text=True, timeout=600)

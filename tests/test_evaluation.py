@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.augment import normalize
+from common.device import autocast
 from common.evaluation import collapse_std, embed, knn_top1, linear_probe
 
 
@@ -132,8 +133,9 @@ def test_embed_returns_float_features_in_eval_mode():
     assert features.dtype == torch.float32
     assert features.device.type == "cpu"
     encoder.eval()  # eval mode: deterministic, running statistics, no dropout
-    with torch.no_grad():
-        expected = encoder(normalize(images))
+    # in the precision training uses: bf16 autocast where this CPU runs it natively
+    with torch.no_grad(), autocast(torch.device("cpu"), model=encoder):
+        expected = encoder(normalize(images)).float()
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -24,7 +24,7 @@ def test_flwr_run_dot(image_folder, tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run_config = (f'num-rounds=1 dataset="imagefolder" data-path="{image_folder}" '
+    run_config = (f'num-rounds=1 fraction-train=1.0 dataset="imagefolder" data-path="{image_folder}" '
                   f'eval-path="{image_folder}" batch-size=8 proj-dim=32 hidden-dim=64 '
                   f'knn-k=10 out-dir="{out}"')
     try:

@@ -6,16 +6,22 @@ from typing import Callable
 from common.encoders import build_encoder
 from common.methods.base import HeadSizes, SSLMethod
 from common.methods.byol import BYOL
+from common.methods.mocov2 import MoCoV2
+from common.methods.simclr import SimCLR
 from common.methods.simsiam import SimSiam
 
 METHODS: dict[str, Callable[..., SSLMethod]] = {
     "byol": lambda enc, dim, heads, cfg: BYOL(enc, dim, heads, base_tau=cfg.byol_tau),
     "simsiam": lambda enc, dim, heads, cfg: SimSiam(enc, dim, heads),
+    "simclr": lambda enc, dim, heads, cfg: SimCLR(enc, dim, heads, temperature=cfg.simclr_temperature),
+    "mocov2": lambda enc, dim, heads, cfg: MoCoV2(enc, dim, heads, temperature=cfg.moco_temperature,
+                                                  queue_size=cfg.moco_queue_size, tau=cfg.moco_tau),
 }
 
 
-# The RunConfig fields that decide a method's networks and their initial weights.
-MODEL_FIELDS = ("method", "encoder", "image_size", "proj_dim", "hidden_dim", "byol_tau", "seed")
+# Every RunConfig field build_method reads: the client caches the built method by them.
+MODEL_FIELDS = ("method", "encoder", "image_size", "proj_dim", "hidden_dim", "byol_tau",
+                "simclr_temperature", "moco_temperature", "moco_queue_size", "moco_tau", "seed")
 
 
 def build_method(cfg) -> SSLMethod:

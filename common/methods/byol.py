@@ -13,8 +13,9 @@ from common.schedules import byol_tau
 
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(p, z), averaged over the batch; 0 when aligned."""
-    return 2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1).mean()
+    """2 - 2 cos(p, z), averaged over the batch; 0 when aligned. In fp32 under bf16 autocast:
+    near convergence 2 - 2cos is a small difference of numbers near 2."""
+    return 2 - 2 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1).mean()
 
 
 class BYOL(SSLMethod):

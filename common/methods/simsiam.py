@@ -11,8 +11,8 @@ from common.methods.base import HeadSizes, SSLMethod
 
 
 def simsiam_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Negative cosine with stop-gradient on the target; -1 when aligned."""
-    return -F.cosine_similarity(prediction, target.detach(), dim=-1).mean()
+    """Negative cosine with stop-gradient on the target; -1 when aligned (fp32 under autocast)."""
+    return -F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1).mean()
 
 
 class SimSiam(SSLMethod):

@@ -6,10 +6,15 @@ from typing import Callable
 
 from common.config import ConfigError, RunConfig
 from server.rounds import SSLRounds
-from server.strategies import fedavg
+from server.strategies import fedadam, fedavg, fedavgm, fedema, fedu, ldawa
 
 STRATEGIES: dict[str, Callable[[RunConfig], SSLRounds]] = {
     "fedavg": fedavg.build,
+    "fedavgm": fedavgm.build,
+    "fedadam": fedadam.build,
+    "fedu": fedu.build,
+    "fedema": fedema.build,
+    "ldawa": ldawa.build,
 }
 
 

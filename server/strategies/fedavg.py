@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from server.rounds import SSLRounds
+from server.rounds import SSLRounds, sampling
 
 
 class FedAvgSSL(SSLRounds, FedAvg):
@@ -11,6 +11,4 @@ class FedAvgSSL(SSLRounds, FedAvg):
 
 
 def build(cfg) -> FedAvgSSL:
-    return FedAvgSSL(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
-                     min_train_nodes=cfg.min_train_clients,
-                     min_available_nodes=cfg.min_train_clients)
+    return FedAvgSSL(**sampling(cfg))

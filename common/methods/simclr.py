@@ -1,0 +1,39 @@
+"""SimCLR (Chen et al., 2020): the other view of the same image is the positive, the other
+2N - 2 views in the batch are the negatives. Every network is shared, nothing stays local."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.heads import mlp
+from common.methods.base import HeadSizes, SSLMethod
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over the 2N views: cross-entropy of each view's cosine similarities (over
+    `temperature`, itself excluded) against its pair. Autocast is off, not just the inputs
+    cast: under bf16 autocast the matmul would run in bf16 again, and logits up to
+    1/temperature then carry errors of a few hundredths."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+        logits = z @ z.T / temperature
+        logits.fill_diagonal_(float("-inf"))
+        n = len(z1)
+        pairs = torch.arange(2 * n, device=z.device).roll(n)  # view i of one half <-> i of the other
+        return F.cross_entropy(logits, pairs)
+
+
+class SimCLR(SSLMethod):
+    shared_prefixes = ("encoder.", "projector.")
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, heads: HeadSizes, temperature: float = 0.2):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp(feature_dim, heads.hidden_dim, heads.proj_dim)
+        self.temperature = temperature
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        # Both views in one batch: one pass, and BatchNorm normalises over all 2N views.
+        z1, z2 = self.projector(self.encoder(torch.cat([view1, view2]))).chunk(2)
+        return nt_xent(z1, z2, self.temperature)

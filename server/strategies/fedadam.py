@@ -1,0 +1,19 @@
+"""FedAdam (Reddi et al., 2021): FedAvg's mean taken as a pseudo-gradient for a server-side
+Adam step, Flower's FedAdam with eta = fedadam-lr, beta_1 = server-momentum, tau = fedadam-tau
+(beta_2 = 0.99, Flower's default). Its moments m_t and v_t are checkpointed; the arrays it steps
+from are the global model each round, which the checkpoint holds already."""
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAdam
+
+from server.rounds import SSLRounds, sampling
+from server.strategies.server_opt import SentDtypes
+
+
+class FedAdamSSL(SSLRounds, SentDtypes, FedAdam):
+    server_state_attrs = ("m_t", "v_t")
+
+
+def build(cfg) -> FedAdamSSL:
+    return FedAdamSSL(**sampling(cfg), eta=cfg.fedadam_lr, beta_1=cfg.server_momentum,
+                      tau=cfg.fedadam_tau)
