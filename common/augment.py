@@ -362,6 +362,14 @@ def _on_selected(
 # -------------------------------------------------------------------- pipeline
 
 
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    return images.float().div_(255.0)
+
+
 class TwoViewAugment:
     """Two differently augmented, normalised views of a uint8 batch.
 
@@ -374,16 +382,18 @@ class TwoViewAugment:
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
-        if images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images, got {images.dtype}")
-        unit = images.float().div_(255.0)  # shared by both views, never modified
+        unit = _unit(images)  # shared by both views, never modified
         blur, solarize = self.cfg.blur_probs, self.cfg.solarize_probs
         return (
             self._view(unit, blur[0], solarize[0], generator),
             self._view(unit, blur[1], solarize[1], generator),
         )
+
+    def one_view(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """View 1 alone: supervised fine-tuning needs one augmented copy per image."""
+        return self._view(_unit(images), self.cfg.blur_probs[0], self.cfg.solarize_probs[0], generator)
 
     def _view(
         self,

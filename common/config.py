@@ -71,6 +71,10 @@ class RunConfig:
     probe: bool = True
     seed: int = 0
     out_dir: str = ""
+    # experiment tracking (server/tracking.py): copies of the metrics.jsonl rows
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_uri: str = ""  # empty: an SQLite store in the run directory
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":

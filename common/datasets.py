@@ -153,6 +153,17 @@ def load_eval_split(
     return dataclasses.replace(full.subset(train_idx), skipped=full.skipped), full.subset(test_idx)
 
 
+def load_folder_with_paths(path: str, image_size: int) -> tuple[ImageSet, list[str]]:
+    """Every image below ``path`` (recursive), decoded without the cache, and each one's path
+    relative to ``path`` in the same order; unreadable files are skipped and logged."""
+    root = _require_folder(path)
+    files = _require_images(root)
+    images, skipped_paths = _decode_folder(root, files, image_size)
+    _log_skipped(root, images.skipped, skipped_paths)
+    skipped = set(skipped_paths)
+    return images, [rel for rel, _, _ in files if rel not in skipped]
+
+
 # --------------------------------------------------------------------------- validation helpers
 
 
@@ -321,6 +332,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+def _require_images(folder: Path) -> list[tuple[str, int, int]]:
+    files = _list_images(folder)
+    if not files:
+        raise DataError(
+            f"no images in folder {str(folder)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
 def _default_cache_dir() -> str:
     return os.environ.get("FEDSSL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedssl")
 
@@ -329,11 +349,7 @@ def _load_folder(folder: Path, image_size: int, cache_dir: str | None) -> ImageS
     if not folder.is_dir():
         raise DataError(f"image folder {str(folder)!r} does not exist")
     real = os.path.realpath(folder)
-    files = _list_images(folder)
-    if not files:
-        raise DataError(
-            f"no images in folder {str(folder)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
-        )
+    files = _require_images(folder)
 
     cache_root = Path(cache_dir if cache_dir is not None else _default_cache_dir()).expanduser()
     folder_key = hashlib.sha256(f"{CACHE_FORMAT}\0{real}\0{image_size}".encode()).hexdigest()[:16]

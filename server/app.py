@@ -17,6 +17,7 @@ from common.methods import build_method
 from common.records import from_record, to_record
 from server.evaluation import GlobalEvaluator
 from server.nodes import wait_for_nodes
+from server.progress import Progress
 from server.resume import RunState, load_run_state, rng_state, save_run_state, set_rng_state
 from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
 from server.strategies import build_strategy
@@ -50,7 +51,8 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> RunState | None:
 
 
 # Settings that may differ between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = {"resume", "round-timeout", "node-wait-timeout", "device", "threads", "out-dir"}
+RESUMABLE_CHANGES = {"resume", "round-timeout", "node-wait-timeout", "device", "threads", "out-dir",
+                     "tensorboard", "mlflow", "mlflow-uri"}
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     out_path = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_out_dir()
     start = resume_point(cfg, out_path)
     history: list[dict[str, Any]] = list(start.history) if start else []
-    out = RunDir(out_path, history)
+    out = RunDir(out_path, history, cfg)
     strategy = build_strategy(cfg)
     method = build_method(cfg)
     evaluator = GlobalEvaluator(cfg, device)
@@ -99,6 +101,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "clients_failed": stats.get("clients_failed", 0),
             "failures": stats.get("failures", {}),
             "aggregated": stats.get("aggregated", server_round > 0),
+            "bytes_sent": stats.get("bytes_sent", 0),
+            "bytes_received": stats.get("bytes_received", 0),
             "seconds": round(now - clock["round"], 3),
         }
         clock["round"] = now
@@ -111,14 +115,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                                 strategy.server_state(), rng_state()),
                        weights_metadata(cfg, server_round))
         out.append_metrics(row)
-        log.info(_progress_line(row, cfg.num_rounds))
+        progress.update(row)
         return MetricRecord({k: float(v) for k, v in scores.items()})
 
     if start:
         set_rng_state(start.rng)  # after the model build and evaluator drew from them
-    strategy.start(grid, to_record(method.shared_state()), num_rounds=cfg.num_rounds - done,
-                   timeout=cfg.round_timeout, train_config=ConfigRecord(cfg.to_mapping()),
-                   evaluate_fn=evaluate)
+    with Progress(cfg.num_rounds) as progress:
+        strategy.start(grid, to_record(method.shared_state()), num_rounds=cfg.num_rounds - done,
+                       timeout=cfg.round_timeout, train_config=ConfigRecord(cfg.to_mapping()),
+                       evaluate_fn=evaluate)
 
     encoder_path = out.export_encoder(method.shared_state(), weights_metadata(cfg, cfg.num_rounds))
     summary = summarize(cfg, history, seconds=time.perf_counter() - clock["start"],
@@ -128,19 +133,3 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
              history[0].get("knn_top1", float("nan")), history[-1].get("knn_top1", float("nan")),
              cfg.num_rounds, summary["seconds"], encoder_path)
     return summary
-
-
-def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
-    parts = [f"round {row['round']}/{num_rounds}"]
-    if row["round"] > 0:
-        parts.append(f"clients {row['clients_ok']} ok {row['clients_failed']} failed")
-        if not row["aggregated"]:
-            parts.append("too few valid replies: global model kept")
-        if row["train_loss"] is not None:
-            parts.append(f"loss {row['train_loss']:.4f}")
-    if "knn_top1" in row:
-        parts.append(f"kNN top-1 {row['knn_top1']:.4f}")
-    if "probe_top1" in row:
-        parts.append(f"probe {row['probe_top1']:.4f}")
-    parts.append(f"{row['seconds']:.1f} s")
-    return " | ".join(parts)

@@ -48,6 +48,7 @@ class SSLRounds:
         self._spec: dict | None = None
         self._global: dict[str, np.ndarray] = {}
         self._sent: dict[int, list[int]] = {}
+        self._bytes_sent: dict[int, int] = {}
 
     def resume_after(self, completed_round: int) -> None:
         """Flower's start() always counts rounds from 1; shift them so a resumed run sends
@@ -68,6 +69,7 @@ class SSLRounds:
         round_config["lr"] = cosine((server_round - 1) / self.num_rounds, self.base_lr, 0.0)
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
+        self._bytes_sent[server_round] = arrays.count_bytes() * len(messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -96,6 +98,10 @@ class SSLRounds:
             "skipped_images": sum(int(m.content.metric_records[name].get("skipped-images", 0))
                                   for m in verdict.accepted for name in m.content.metric_records),
             "train_metrics": dict(metrics) if metrics is not None else {},
+            # Model arrays only, each way: what a round costs the network.
+            "bytes_sent": self._bytes_sent.pop(server_round, 0),
+            "bytes_received": sum(record.count_bytes() for m in replies if m.has_content()
+                                  for record in m.content.array_records.values()),
         }
         return arrays, metrics
 

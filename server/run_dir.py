@@ -1,5 +1,6 @@
 """A run's output directory: metrics.jsonl (a row per round), the latest checkpoint,
-the exported encoder and summary.json."""
+the exported encoder and summary.json; each row also goes to the trackers the run config
+asks for (server/tracking.py)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from common.checkpoint import atomic_write, export_encoder
+from server.tracking import Tracking
 
 
 def default_out_dir() -> Path:
@@ -33,19 +35,23 @@ def summarize(cfg, history: list[dict[str, Any]], *, seconds: float, encoder: Pa
 
 
 class RunDir:
-    def __init__(self, path: str | Path, rows: list[dict[str, Any]] = ()):
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]] = (), cfg=None):
         """`rows`: the history a resumed run continues; rows a killed run wrote after its
-        last checkpoint are dropped, so metrics.jsonl and the checkpoint agree."""
+        last checkpoint are dropped, so metrics.jsonl and the checkpoint agree. `cfg`: the
+        run config, whose tracking keys choose where rows are copied (none without it)."""
         self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoint_path = self.path / "checkpoint.safetensors"
+        resume_from = rows[-1]["round"] + 1 if rows else None
+        self.tracking = Tracking.open(cfg, self.path, resume_from) if cfg is not None else Tracking()
         text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
         atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        self.tracking.log_row(row)
 
     def export_encoder(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         path = self.path / "encoder.safetensors"
@@ -53,5 +59,7 @@ class RunDir:
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """The run's last output, so it also ends the tracked runs."""
         atomic_write(self.path / "summary.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, sort_keys=True)))
+        self.tracking.close()

@@ -15,6 +15,7 @@ from common.methods import build_method
 from common.schedules import cosine
 from common.training import augmenter, train_epochs
 from server.evaluation import GlobalEvaluator
+from server.progress import Progress
 from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
 
 log = get_logger()
@@ -29,7 +30,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     set_threads(cfg.threads)
     device = select_device(cfg.device)
-    out = RunDir(cfg.out_dir or default_out_dir())
+    out = RunDir(cfg.out_dir or default_out_dir(), cfg=cfg)
     data = load_images(cfg.dataset, cfg.data_path, cfg.image_size, seed=cfg.seed)
     method = build_method(cfg)
     method.init_local()
@@ -37,27 +38,28 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     augment = augmenter(cfg)
     epochs = pooled_epochs(cfg)
     start = time.perf_counter()
-    history = [{"round": 0, **evaluator(method), "seconds": 0.0}]
-    out.append_metrics(history[0])
-    log.info("centralized %s: %d images, %d epochs; epoch 0 kNN top-1 %.4f",
-             cfg.method, len(data), epochs, history[0]["knn_top1"])
-    for epoch in range(1, epochs + 1):
-        tick = time.perf_counter()
-        result = train_epochs(
-            method, data.images, augment, epochs=1, batch_size=cfg.batch_size,
-            lr=cosine((epoch - 1) / epochs, cfg.lr, 0.0), momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, device=device,
-            progress_start=(epoch - 1) / epochs, progress_end=epoch / epochs,
-            amp=cfg.amp, seed=cfg.seed * 1_000_003 + epoch)
-        final = epoch == epochs
-        scores = evaluator(method, probe=final and cfg.probe) if final or epoch % cfg.eval_every == 0 else {}
-        row = {"round": epoch, **scores, "train_loss": result.loss,
-               "client_images_per_second": result.images_per_second,
-               "seconds": round(time.perf_counter() - tick, 3)}
-        history.append(row)
-        out.append_metrics(row)
-        log.info("epoch %d/%d | loss %.4f | %s%.1f s", epoch, epochs, result.loss,
-                 f"kNN top-1 {scores['knn_top1']:.4f} | " if scores else "", row["seconds"])
+    log.info("centralized %s: %d images, %d epochs", cfg.method, len(data), epochs)
+    with Progress(epochs, unit="epoch") as progress:
+        history = [{"round": 0, **evaluator(method), "seconds": 0.0}]
+        out.append_metrics(history[0])
+        progress.update(history[0])
+        for epoch in range(1, epochs + 1):
+            tick = time.perf_counter()
+            result = train_epochs(
+                method, data.images, augment, epochs=1, batch_size=cfg.batch_size,
+                lr=cosine((epoch - 1) / epochs, cfg.lr, 0.0), momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay, device=device,
+                progress_start=(epoch - 1) / epochs, progress_end=epoch / epochs,
+                amp=cfg.amp, seed=cfg.seed * 1_000_003 + epoch)
+            final = epoch == epochs
+            evaluate = final or epoch % cfg.eval_every == 0
+            scores = evaluator(method, probe=final and cfg.probe) if evaluate else {}
+            row = {"round": epoch, **scores, "train_loss": result.loss,
+                   "client_images_per_second": result.images_per_second,
+                   "seconds": round(time.perf_counter() - tick, 3)}
+            history.append(row)
+            out.append_metrics(row)
+            progress.update(row)
     encoder_path = out.export_encoder(method.shared_state(),
                                       weights_metadata(cfg, epochs, centralized=True))
     summary = summarize(cfg, history, seconds=time.perf_counter() - start,

@@ -1,5 +1,6 @@
 """The `fedssl` command: `simulate` (federated, on Flower's simulation engine) and
-`centralized` (the pooled-data baseline). Every run-config key is also a flag."""
+`centralized` (the pooled-data baseline), where every run-config key is also a flag; the
+deployment commands (deploy_cli) and those that use a run's outputs (analysis_cli)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.config import ConfigError, RunConfig, defaults
-from simulations import deploy_cli
+from simulations import analysis_cli, deploy_cli
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Flags that are easier to type than their run-config keys.
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--ray-address", dest="ray-address", default=None,
                              help="connect to an existing Ray cluster instead of starting one")
     deploy_cli.add_commands(commands)
+    analysis_cli.add_commands(commands)
     return top
 
 
@@ -80,7 +82,9 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
     from common.partition import partition_indices
     from server.evaluation import eval_source
     from server.strategies import build_strategy
+    from server.tracking import check_installed
 
+    check_installed(cfg)
     if cfg.resume:
         from server.app import resume_point
         resume_point(cfg, Path(cfg.out_dir).expanduser())
@@ -108,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in deploy_cli.COMMANDS:
         return deploy_cli.run(args)
+    if args.command in analysis_cli.COMMANDS:
+        return analysis_cli.run(args)
     from common.datasets import DataError
 
     try:
