@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local_data import local_images
+from client.privacy import clip_update_mod
+from client.secure import secure_rounds_mod
 from common.config import RunConfig
 from common.device import select_device, set_threads
 from common.global_updates import Rule, rule_for
@@ -26,10 +29,10 @@ MEMO_KEY = "fedssl-update-memo"
 app = ClientApp()
 
 
-def round_config(msg: Message) -> tuple[RunConfig, int]:
+def round_config(sent: Mapping) -> tuple[RunConfig, int]:
     """The server sends the whole (validated) run config with each round, so a site cannot
     train with settings that differ from the server's."""
-    config = dict(msg.content["config"])
+    config = dict(sent)
     server_round = int(config.pop("server-round", 1))
     return RunConfig.from_mapping(config, ignore_unknown=True), server_round
 
@@ -92,15 +95,18 @@ def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context) 
     return rule
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, server_round = round_config(msg)
+def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
+                context: Context) -> tuple[dict, MetricRecord]:
+    """One round of local training from the global shared arrays and the round's config:
+    this node's new shared state and its metrics. Plain and SecAgg+ rounds
+    (client/secure.py) both run it."""
+    cfg, server_round = round_config(sent_config)
     threads = set_threads(int(context.node_config.get("threads", cfg.threads)))
     device = select_device(str(context.node_config.get("device", cfg.device)))
     data = local_images(cfg, context.node_config)
 
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
-    rule = enter_global(cfg, method, msg.content["arrays"], context)
+    rule = enter_global(cfg, method, global_arrays, context)
     rebuilt = restore_local_state(method, context, server_round)
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
@@ -131,5 +137,12 @@ def train(msg: Message, context: Context) -> Message:
     })
     log.info("round %d: %d images, loss %.4f, %.0f img/s on %s", server_round, len(data),
              result.loss, result.images_per_second, device)
-    return Message(RecordDict({"arrays": to_record(method.shared_state()), "metrics": metrics}),
-                   reply_to=msg)
+    return method.shared_state(), metrics
+
+
+# Outermost first: SecAgg+ rounds leave for their own protocol; DP clipping wraps the
+# plain round's reply.
+@app.train(mods=[secure_rounds_mod(train_round), clip_update_mod])
+def train(msg: Message, context: Context) -> Message:
+    shared, metrics = train_round(msg.content["config"], msg.content["arrays"], context)
+    return Message(RecordDict({"arrays": to_record(shared), "metrics": metrics}), reply_to=msg)

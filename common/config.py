@@ -75,6 +75,21 @@ class RunConfig:
     tensorboard: bool = False
     mlflow: bool = False
     mlflow_uri: str = ""  # empty: an SQLite store in the run directory
+    # privacy (docs/privacy.md): differential privacy on the shared arrays ...
+    dp: str = "none"
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
+    dp_target_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
+    dp_clipped_count_stddev: float = 1.0
+    # ... and SecAgg+ (the server sees only the sum of the sampled clients' updates)
+    secure_aggregation: bool = False
+    secagg_shares: int = 0
+    secagg_threshold: int = 2
+    secagg_clip_range: float = 8.0
+    secagg_quant_bits: int = 22
+    secagg_max_weight: float = 10000.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
@@ -166,6 +181,10 @@ def _between(low: float, high: float, *, low_open: bool = False) -> Callable[[An
     return rule
 
 
+def _off_or_at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v == 0 or v >= low else f"must be 0 (off) or >= {low}"
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be > 0"
 
@@ -219,7 +238,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "min_train_clients": _at_least(1),
     "round_timeout": _positive,
     "node_wait_timeout": _positive,
-    "max_update_norm_ratio": _at_least(1.0),
+    "max_update_norm_ratio": _off_or_at_least(1.0),
     "fedu_threshold": _at_least(0.0),
     "fedema_tau": _positive,
     "server_lr": _positive,
@@ -238,4 +257,16 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "knn_temperature": _positive,
     "eval_bank_size": _at_least(1),
     "eval_query_size": _at_least(1),
+    "dp": _choice(lambda: ("none", "fixed", "adaptive")),
+    "dp_clip_norm": _positive,
+    "dp_noise_multiplier": _at_least(0.0),
+    "dp_delta": _between(0.0, 1.0, low_open=True),
+    "dp_target_quantile": _between(0.0, 1.0),
+    "dp_clip_norm_lr": _positive,
+    "dp_clipped_count_stddev": _positive,
+    "secagg_shares": lambda v: None if v == 0 or v >= 3 else "must be 0 (every sampled client) or >= 3",
+    "secagg_threshold": _at_least(2),
+    "secagg_clip_range": _positive,
+    "secagg_quant_bits": lambda v: None if 8 <= v <= 30 else "must be in [8, 30]",
+    "secagg_max_weight": _positive,
 }

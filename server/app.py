@@ -127,7 +127,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 
     encoder_path = out.export_encoder(method.shared_state(), weights_metadata(cfg, cfg.num_rounds))
     summary = summarize(cfg, history, seconds=time.perf_counter() - clock["start"],
-                        encoder=encoder_path, out_dir=out.path, rounds=cfg.num_rounds)
+                        encoder=encoder_path, out_dir=out.path, rounds=cfg.num_rounds,
+                        privacy=strategy.privacy_report())
     out.write_summary(summary)
     log.info("done: kNN top-1 %.4f -> %.4f after %d rounds in %.0f s; encoder: %s",
              history[0].get("knn_top1", float("nan")), history[-1].get("knn_top1", float("nan")),

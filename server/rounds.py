@@ -18,6 +18,14 @@ from server.validation import as_numpy, screen, spec_of
 log = logging.getLogger("fedssl")
 
 
+def scheduled_config(config, server_round: int, base_lr: float, num_rounds: int) -> ConfigRecord:
+    """The round's train config: the run config plus the round's learning rate, a cosine
+    decay over rounds ending just above 0 so the last round still learns."""
+    round_config = ConfigRecord(dict(config))
+    round_config["lr"] = cosine((server_round - 1) / num_rounds, base_lr, 0.0)
+    return round_config
+
+
 def sampling(cfg) -> dict:
     """The Flower strategy arguments every rule shares: who trains each round. Evaluation is
     the server's own (server/evaluation.py), so no client is asked to evaluate."""
@@ -49,6 +57,8 @@ class SSLRounds:
         self._global: dict[str, np.ndarray] = {}
         self._sent: dict[int, list[int]] = {}
         self._bytes_sent: dict[int, int] = {}
+        # The replies the latest round aggregated (DP counts them: server/dp.py).
+        self.last_accepted: list[Message] = []
 
     def resume_after(self, completed_round: int) -> None:
         """Flower's start() always counts rounds from 1; shift them so a resumed run sends
@@ -64,9 +74,7 @@ class SSLRounds:
         # Replies are held to the first model's keys, shapes and dtypes: later global models
         # come back from FedAvg with integer buffers as float64, clients keep them integer.
         self._spec = self._spec or spec_of(self._global)
-        # Cosine decay over rounds, ending just above 0 so the last round still learns.
-        round_config = ConfigRecord(dict(config))
-        round_config["lr"] = cosine((server_round - 1) / self.num_rounds, self.base_lr, 0.0)
+        round_config = scheduled_config(config, server_round, self.base_lr, self.num_rounds)
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
         self._bytes_sent[server_round] = arrays.count_bytes() * len(messages)
@@ -84,7 +92,8 @@ class SSLRounds:
             log.warning("round %d: client %s rejected: %s", server_round, node, reason)
 
         arrays = metrics = None
-        if len(verdict.accepted) >= self.min_valid:
+        self.last_accepted = verdict.accepted if len(verdict.accepted) >= self.min_valid else []
+        if self.last_accepted:
             arrays, metrics = super().aggregate_train(server_round, verdict.accepted)
         else:
             log.warning("round %d: %d valid replies, %d needed (min-train-clients); the global "
@@ -104,6 +113,10 @@ class SSLRounds:
                                   for record in m.content.array_records.values()),
         }
         return arrays, metrics
+
+    def privacy_report(self) -> dict:
+        """summary.json's `privacy`: a plain run has neither protection."""
+        return {"dp": "none", "secure_aggregation": False}
 
     def server_state(self) -> dict[str, dict[str, np.ndarray]]:
         """The wrapped strategy's own state, for a checkpoint."""

@@ -75,8 +75,9 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
 
 def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str]:
     """Updates more than `max_ratio` times the median norm. The lower median, so that with
-    two replies a huge one is judged against the normal one, not against their mean."""
-    if not norms:
+    two replies a huge one is judged against the normal one, not against their mean.
+    A ratio of 0 turns the check off (under DP or SecAgg+, docs/privacy.md)."""
+    if not norms or max_ratio == 0:
         return {}
     median = statistics.median_low(norms.values())
     if median <= 0:

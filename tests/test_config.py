@@ -33,7 +33,7 @@ def test_from_mapping_coerces_text_and_keeps_defaults():
     ({"num-rounds": "ten"}, "num-rounds='ten' is invalid: must be an integer"),
     ({"num-rounds": 2.5}, "num-rounds=2.5 is invalid: must be an integer"),
     ({"device": "tpu"}, "device='tpu' is invalid"),
-    ({"max-update-norm-ratio": 0.5}, "max-update-norm-ratio=0.5 is invalid: must be >= 1.0"),
+    ({"max-update-norm-ratio": 0.5}, "max-update-norm-ratio=0.5 is invalid: must be 0 (off) or >= 1.0"),
     ({"resume": "maybe"}, "resume='maybe' is invalid: must be true or false"),
     ({"num-round": 3}, "unknown config key 'num-round' (did you mean 'num-rounds'?)"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from common.config import ConfigError, RunConfig
+from server import dp, secure
 from server.rounds import SSLRounds
 from server.strategies import fedadam, fedavg, fedavgm, fedema, fedu, ldawa
 
@@ -19,8 +20,14 @@ STRATEGIES: dict[str, Callable[[RunConfig], SSLRounds]] = {
 
 
 def build_strategy(cfg: RunConfig) -> SSLRounds:
+    """The run's rule, with its privacy mode (docs/privacy.md): as it is, wrapped for DP, or
+    (SecAgg+) replaced by the secure adapter, which runs FedAvg's mean under masks."""
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid: allowed: {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[cfg.strategy](cfg)
+    dp.check(cfg)
+    secure.check(cfg)
+    strategy = STRATEGIES[cfg.strategy](cfg)  # also under SecAgg+: the rule's own checks apply
+    if cfg.secure_aggregation:
+        return secure.build(cfg)
     strategy.setup_rounds(cfg)
-    return strategy
+    return dp.private(cfg, strategy)

@@ -1,0 +1,278 @@
+"""Differential privacy and SecAgg+ on the in-process grid with the real ClientApp, Flower's
+real DP wrappers, clipping mods and SecAgg+ workflow and mod (docs/privacy.md)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client.app import app as client_app
+from client.secure import SecureRoundClient
+from common.config import ConfigError, RunConfig
+from common.methods import build_method
+from common.records import to_record
+from server.accounting import gaussian_epsilon
+from server.app import run_federation
+from server.resume import load_run_state
+from server.secure import SecureRounds
+from server.strategies import build_strategy
+from inprocess import InProcessGrid
+from conftest import fast_config
+
+DP = dict(max_update_norm_ratio=0.0, amp=False)
+
+
+class RecordingGrid(InProcessGrid):
+    """Delivers a copy of each message, as the engines do (they serialize it), and keeps
+    the replies."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies: list[Message] = []
+
+    @property
+    def run(self):
+        return type("Run", (), {"run_id": 1})()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive([copy.deepcopy(m) for m in messages], timeout=timeout)
+        self.replies += replies
+        return replies
+
+
+def floats(record) -> dict[str, np.ndarray]:
+    return {k: v.numpy().astype(np.float64) for k, v in record.items() if v.numpy().dtype.kind == "f"}
+
+
+def one_dp_round(cfg, num_nodes=3):
+    """Round 1 driven by hand: the global model sent, the replies, the aggregate."""
+    strategy = build_strategy(cfg)
+    grid = RecordingGrid(client_app, num_nodes=num_nodes)
+    sent = to_record(build_method(cfg).shared_state())
+    messages = strategy.configure_train(1, sent, ConfigRecord(cfg.to_mapping()), grid)
+    replies = grid.send_and_receive(messages)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return strategy, sent, replies, arrays
+
+
+# --- differential privacy -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_every_update_reaching_aggregation_is_clipped_and_counters_stay_integers(small_image_folder, tmp_path, mode):
+    clip = 0.05  # far below an unclipped round's update norm, so every site is clipped
+    cfg = fast_config(small_image_folder, tmp_path, dp=mode, dp_clip_norm=clip, **DP)
+    _, sent, replies, _ = one_dp_round(cfg)
+    glob = floats(sent)
+    assert len(replies) == 3 and not any(r.has_error() for r in replies)
+    for reply in replies:
+        arrays = reply.content["arrays"]
+        update = np.sqrt(sum(((v - glob[k]) ** 2).sum() for k, v in floats(arrays).items()))
+        assert update <= clip * (1 + 1e-5)
+        assert update == pytest.approx(clip, rel=1e-3)  # clipped, not merely small
+        counters = {k: v.numpy() for k, v in arrays.items() if "num_batches_tracked" in k}
+        assert counters and all(c.dtype == np.int64 and c > 0 for c in counters.values())
+    if mode == "adaptive":
+        assert all(r.content["metrics"]["norm_bit"] == 1 for r in replies)
+
+
+def test_the_aggregate_carries_gaussian_noise_of_the_expected_size(small_image_folder, tmp_path):
+    z, clip = 2.0, 0.05
+    cfg = fast_config(small_image_folder, tmp_path, dp="fixed", dp_clip_norm=clip, dp_noise_multiplier=z, **DP)
+    strategy, sent, replies, arrays = one_dp_round(cfg)
+    updates = [floats(r.content["arrays"]) for r in replies]
+    # Sites count equally under DP: the noiseless aggregate is the plain mean of the updates.
+    noise = np.concatenate([(arrays[k].numpy().astype(np.float64) - np.mean([u[k] for u in updates], axis=0)).ravel()
+                            for k in updates[0]])
+    expected = z * clip / 3
+    assert noise.size > 10_000
+    assert noise.std() == pytest.approx(expected, rel=0.05)
+    assert abs(noise.mean()) < 5 * expected / math.sqrt(noise.size)
+    # integer counters are averaged, not noised
+    for key in (k for k in arrays.keys() if "num_batches_tracked" in k):
+        assert float(arrays[key].numpy()) == np.mean([r.content["arrays"][key].numpy() for r in replies])
+    assert strategy.releases == 1
+
+
+def test_a_dp_run_completes_reports_epsilon_and_resumes_its_accounting(small_image_folder, tmp_path):
+    settings = dict(dp="adaptive", dp_clip_norm=0.05, num_rounds=3, **DP)
+    run_federation(RecordingGrid(client_app, num_nodes=2),
+                   fast_config(small_image_folder, tmp_path / "run", **settings))
+    whole = load_run_state(tmp_path / "run" / "checkpoint.safetensors")
+    assert int(whole.server_state["dp"]["releases"]) == 3
+
+    # a resumed run continues the adaptive clipping norm and the count of releases
+    partial = run_federation(RecordingGrid(client_app, num_nodes=2),
+                             fast_config(small_image_folder, tmp_path / "part", **{**settings, "num_rounds": 2}))
+    assert partial["privacy"]["releases"] == 2
+    state = load_run_state(tmp_path / "part" / "checkpoint.safetensors")
+    summary = run_federation(RecordingGrid(client_app, num_nodes=2),
+                             fast_config(small_image_folder, tmp_path / "part", resume=True, **settings))
+    privacy = summary["privacy"]
+    assert privacy["releases"] == 3 and privacy["dp"] == "adaptive"
+    assert privacy["epsilon"] == pytest.approx(gaussian_epsilon(1.0, 3, 1e-5))
+    assert float(state.server_state["dp"]["clipping-norm"]) != 0.05  # it adapted, and was saved
+    assert summary["final"]["aggregated"] and summary["final"]["round"] == 3
+
+
+def test_rdp_epsilon_bounds_the_exact_gaussian_epsilon_from_above():
+    def cdf(x):
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def exact_delta(eps, mu):  # Balle and Wang (2018): mu-GDP after composition
+        return cdf(-eps / mu + mu / 2) - math.exp(eps) * cdf(-eps / mu - mu / 2)
+
+    for z, releases in [(1.0, 1), (1.0, 10), (2.0, 50), (5.0, 13)]:
+        mu = math.sqrt(releases) / z
+        lo, hi = 0.0, 100.0
+        for _ in range(100):  # bisection: the exact epsilon at delta = 1e-5
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if exact_delta(mid, mu) > 1e-5 else (lo, mid)
+        rdp = gaussian_epsilon(z, releases, 1e-5)
+        assert hi <= rdp <= 1.4 * hi + 0.1
+    assert gaussian_epsilon(1.0, 0, 1e-5) == 0.0 and math.isinf(gaussian_epsilon(0.0, 3, 1e-5))
+    assert gaussian_epsilon(1.0, 10, 1e-5) < gaussian_epsilon(1.0, 20, 1e-5)
+
+
+# --- refused combinations -------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(dp="fixed", strategy="ldawa", max_update_norm_ratio=0.0),
+     "strategy='ldawa' is invalid with dp='fixed': allowed: fedavg, fedu, fedema"),
+    (dict(dp="fixed", strategy="fedadam", max_update_norm_ratio=0.0), "strategy='fedadam' is invalid with dp='fixed'"),
+    (dict(dp="adaptive"), "max-update-norm-ratio=10.0 is invalid with dp='adaptive': must be 0 (off)"),
+    (dict(dp="adaptive", max_update_norm_ratio=0.0, dp_noise_multiplier=3.0),
+     "dp-noise-multiplier=3.0 is invalid with dp-clipped-count-stddev=1.0: must be < 2 x"),
+    (dict(secure_aggregation=True, strategy="ldawa", max_update_norm_ratio=0.0),
+     "strategy='ldawa' is invalid with secure-aggregation=true: allowed: fedavg, fedu, fedema"),
+    (dict(secure_aggregation=True, strategy="fedavgm", max_update_norm_ratio=0.0),
+     "strategy='fedavgm' is invalid with secure-aggregation=true"),
+    (dict(secure_aggregation=True),
+     "max-update-norm-ratio=10.0 is invalid with secure-aggregation=true: must be 0 (off)"),
+    (dict(secure_aggregation=True, max_update_norm_ratio=0.0, dp="fixed"),
+     "dp='fixed' is invalid with secure-aggregation=true"),
+    (dict(secure_aggregation=True, max_update_norm_ratio=0.0, secagg_shares=3, secagg_threshold=3, min_train_clients=3),
+     "secagg-threshold=3 is invalid with secagg-shares=3: must be < secagg-shares"),
+    (dict(secure_aggregation=True, max_update_norm_ratio=0.0, secagg_threshold=3),
+     "secagg-threshold=3 is invalid with min-train-clients=2: must be <= min-train-clients"),
+])
+def test_incompatible_privacy_settings_are_refused_in_one_line(settings, message):
+    with pytest.raises(ConfigError) as err:
+        build_strategy(RunConfig(**settings))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"dp": "local"}, "dp='local' is invalid: allowed: none, fixed, adaptive"),
+    ({"secagg-shares": 2}, "secagg-shares=2 is invalid: must be 0 (every sampled client) or >= 3"),
+    ({"secagg-quant-bits": 31}, "secagg-quant-bits=31 is invalid: must be in [8, 30]"),
+    ({"max-update-norm-ratio": 0.5}, "max-update-norm-ratio=0.5 is invalid: must be 0 (off) or >= 1.0"),
+])
+def test_bad_privacy_values_name_key_value_and_allowed(values, fragment):
+    with pytest.raises(ConfigError, match="invalid") as err:
+        RunConfig.from_mapping(values)
+    assert fragment in str(err.value)
+
+
+# --- SecAgg+ --------------------------------------------------------------------------------
+
+@pytest.fixture
+def observed(monkeypatch):
+    """What each site computed (its true update, before masking) and what the server-side
+    aggregation received."""
+    seen = {"updates": [], "aggregate_fit": []}
+    fit, aggregate_fit = SecureRoundClient.fit, SecureRounds.aggregate_fit
+
+    def recording_fit(self, parameters, config):
+        update, n, metrics = fit(self, parameters, config)
+        seen["updates"].append((int(config["server-round"]), self.context.node_id, update, n))
+        return update, n, metrics
+
+    def recording_aggregate_fit(self, server_round, results, failures):
+        seen["aggregate_fit"].append((server_round, [r.parameters for _, r in results], len(failures)))
+        return aggregate_fit(self, server_round, results, failures)
+
+    monkeypatch.setattr(SecureRoundClient, "fit", recording_fit)
+    monkeypatch.setattr(SecureRounds, "aggregate_fit", recording_aggregate_fit)
+    return seen
+
+
+def drops_in_round_1(nodes: set[int]):
+    """A ClientApp whose `nodes` leave round 1 after the key exchange, before uploading."""
+    def app(msg: Message, context: Context) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if (context.node_id in nodes and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+                and msg.content.config_records["fitins.config"]["server-round"] == 1):
+            raise ConnectionError("site went offline")
+        return client_app(msg, context)
+    return app
+
+
+def secure_config(folder, out, **changes):
+    return fast_config(folder, out, secure_aggregation=True, secagg_max_weight=16.0, **DP, **changes)
+
+
+def quantization_bound(cfg, num_sites: int, total_examples: int) -> float:
+    """Each site's value n / max-weight * update is rounded to a step of 2 c / 2^bits."""
+    step = 2 * cfg.secagg_clip_range / 2 ** cfg.secagg_quant_bits
+    return num_sites * step * cfg.secagg_max_weight / total_examples + 1e-9
+
+
+def test_secagg_server_sees_only_the_unmasked_mean_which_matches_plain_averaging(small_image_folder, tmp_path, observed):
+    cfg = secure_config(small_image_folder, tmp_path / "run", num_rounds=1, min_train_clients=3)
+    grid = RecordingGrid(client_app, num_nodes=3)
+    summary = run_federation(grid, cfg)
+    assert summary["final"]["aggregated"] and summary["final"]["clients_ok"] == 3
+    assert summary["privacy"]["secure_aggregation"] is True
+
+    # The uploads: no ArrayRecord content, only masked integer vectors.
+    uploads = [r for r in grid.replies if Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(uploads) == 3
+    assert all(len(record) == 0 for r in uploads for record in r.content.array_records.values())
+
+    # The aggregation code got the same vector in every result: the mean, no one's update.
+    (server_round, received, failures), = observed["aggregate_fit"]
+    assert server_round == 1 and failures == 0 and len(received) == 3
+    vectors = [parameters_to_ndarrays(p) for p in received]
+    assert all(all(np.array_equal(a, b) for a, b in zip(vectors[0], v)) for v in vectors)
+    updates = [(u, n) for _, _, u, n in observed["updates"]]
+    total = sum(n for _, n in updates)
+    plain = [sum(n * u[i] for u, n in updates) / total for i in range(len(vectors[0]))]
+    error = max(np.abs(a - b).max() for a, b in zip(vectors[0], plain))
+    assert error <= quantization_bound(cfg, 3, total)
+    for u, _ in updates:  # and it is none of the sites' own updates
+        assert max(np.abs(a - b).max() for a, b in zip(vectors[0], u)) > 100 * quantization_bound(cfg, 3, total)
+
+
+def test_secagg_round_survives_a_site_dropping_out_after_sharing_its_keys(small_image_folder, tmp_path, observed):
+    cfg = secure_config(small_image_folder, tmp_path / "run", num_rounds=2, min_train_clients=3,
+                        secagg_threshold=2)
+    summary = run_federation(RecordingGrid(drops_in_round_1({1003}), num_nodes=4), cfg)
+    assert summary["final"]["aggregated"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients_ok"], r["clients_failed"], r["aggregated"]) for r in rows] == \
+        [(0, 0, 0, False), (1, 3, 1, True), (2, 4, 0, True)]
+    assert "dropped out of the SecAgg+ round" in rows[1]["failures"]["1003"]
+    # The dropped site's masks were reconstructed from its shares: round 1's mean is the
+    # survivors' mean.
+    survivors = [(u, n) for rnd, node, u, n in observed["updates"] if rnd == 1 and node != 1003]
+    total = sum(n for _, n in survivors)
+    mean = parameters_to_ndarrays(observed["aggregate_fit"][0][1][0])
+    plain = [sum(n * u[i] for u, n in survivors) / total for i in range(len(mean))]
+    assert max(np.abs(a - b).max() for a, b in zip(mean, plain)) <= quantization_bound(cfg, 3, total)
+
+
+def test_secagg_round_below_the_threshold_keeps_the_model_and_the_run_goes_on(small_image_folder, tmp_path, observed):
+    cfg = secure_config(small_image_folder, tmp_path / "run", num_rounds=2, min_train_clients=3,
+                        secagg_threshold=3)
+    summary = run_federation(RecordingGrid(drops_in_round_1({1002, 1003}), num_nodes=4), cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["aggregated"]) for r in rows] == [(0, False), (1, False), (2, True)]
+    assert rows[1]["knn_top1"] == rows[0]["knn_top1"]  # the global model was kept
+    assert [rnd for rnd, *_ in observed["aggregate_fit"]] == [2]
+    assert summary["final"]["clients_ok"] == 4
