@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -45,5 +46,6 @@ def autocast(device: torch.device, enabled: bool = True,
     return contextlib.nullcontext()
 
 
+@functools.cache  # asked every training step; the answer is the hardware's
 def cpu_has_native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

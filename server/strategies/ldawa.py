@@ -47,11 +47,8 @@ def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]],
 
 
 class LDAWA(FedAvg):
-    """FedAvg with L-DAWA's aggregation of arrays; metrics are still example-weighted."""
-
-    def configure_train(self, server_round, arrays: ArrayRecord, config, grid):
-        self.current_arrays = {k: v.numpy() for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+    """FedAvg with L-DAWA's aggregation of arrays; metrics are still example-weighted. The
+    global model the round started from is SSLRounds' `_global`."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         contents = [m.content for m in replies if not m.has_error()]
@@ -59,7 +56,7 @@ class LDAWA(FedAvg):
             return None, None
         clients = [{k: v.numpy() for k, v in next(iter(c.array_records.values())).items()}
                    for c in contents]
-        arrays = ldawa_aggregate(clients, self.current_arrays)
+        arrays = ldawa_aggregate(clients, self._global)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
 
