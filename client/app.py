@@ -14,7 +14,7 @@ from client.privacy import clip_update_mod
 from client.secure import secure_rounds_mod
 from common.config import RunConfig
 from common.device import select_device, set_threads
-from common.global_updates import Rule, rule_for
+from common.global_updates import METRIC_PREFIX, Rule, rule_for
 from common.methods import MODEL_FIELDS, build_method
 from common.records import from_record, to_record
 from common.training import augmenter, steps_per_epoch, train_epochs
@@ -82,17 +82,19 @@ def restore_local_state(method, context: Context, server_round: int) -> bool:
     return True
 
 
-def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context) -> Rule:
+def enter_global(cfg: RunConfig, method, arrays: ArrayRecord,
+                 context: Context) -> tuple[Rule, dict[str, float]]:
     """Load the global shared arrays as the run's strategy says: most replace the local ones,
-    FedU and FedEMA keep some of this node's own."""
+    FedU and FedEMA keep some of this node's own. Returns the rule and the numbers it decided
+    by this round."""
     rule = rule_for(cfg.strategy)
     kept = context.state.get(PREVIOUS_KEY)
     previous = from_record(kept) if isinstance(kept, ArrayRecord) else None
     memo = dict(context.state.get(MEMO_KEY, {}))
-    rule.apply(cfg, method, from_record(arrays), previous, memo)
+    decided_by = rule.apply(cfg, method, from_record(arrays), previous, memo)
     if memo:
         context.state[MEMO_KEY] = ConfigRecord(memo)
-    return rule
+    return rule, decided_by
 
 
 def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
@@ -106,7 +108,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     data = local_images(cfg, context.node_config)
 
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
-    rule = enter_global(cfg, method, global_arrays, context)
+    rule, decided_by = enter_global(cfg, method, global_arrays, context)
     rebuilt = restore_local_state(method, context, server_round)
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
@@ -134,6 +136,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
         "skipped-images": data.skipped,
         "local-state-rebuilt": int(rebuilt),
         "threads": threads,
+        **{METRIC_PREFIX + k: float(v) for k, v in decided_by.items()},
     })
     log.info("round %d: %d images, loss %.4f, %.0f img/s on %s", server_round, len(data),
              result.loss, result.images_per_second, device)

@@ -5,7 +5,7 @@ import functools
 from typing import Mapping
 
 from common.config import RunConfig
-from common.datasets import DataError, ImageSet, load_images
+from common.datasets import DataError, ImageSet, load_images, training_images
 from common.partition import partition_indices
 
 
@@ -15,10 +15,10 @@ def _site_folder(path: str, image_size: int) -> ImageSet:
 
 
 @functools.lru_cache(maxsize=2)
-def _partitions(dataset: str, path: str, image_size: int, scheme: str, num: int,
-                alpha: float, shards: int, seed: int) -> tuple[ImageSet, tuple]:
+def _partitions(dataset: str, path: str, image_size: int, max_images: int, scheme: str,
+                num: int, alpha: float, shards: int, seed: int) -> tuple[ImageSet, tuple]:
     # Cached per process: a simulation actor serving many clients decodes and splits once.
-    images = load_images(dataset, path, image_size, seed=seed)
+    images = training_images(dataset, path, image_size, max_images, seed)
     labels = None if images.labels is None else images.labels.numpy()
     parts = partition_indices(len(images), labels, num, scheme, alpha=alpha,
                               shards_per_client=shards, seed=seed)
@@ -31,8 +31,8 @@ def local_images(cfg: RunConfig, node_config: Mapping) -> ImageSet:
     if "data-path" in node_config:
         return _site_folder(str(node_config["data-path"]), cfg.image_size)
     if "partition-id" in node_config:
-        images, parts = _partitions(cfg.dataset, cfg.data_path, cfg.image_size, cfg.partition,
-                                    int(node_config["num-partitions"]), cfg.alpha,
+        images, parts = _partitions(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images,
+                                    cfg.partition, int(node_config["num-partitions"]), cfg.alpha,
                                     cfg.shards_per_client, cfg.seed)
         return images.subset(parts[int(node_config["partition-id"])])
     raise DataError("this node has no data: start the SuperNode with "

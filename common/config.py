@@ -28,6 +28,9 @@ class RunConfig:
     # data
     dataset: str = "synthetic"
     data_path: str = ""
+    # Train on a seeded random subset of this many images (0: all), for quick experiments;
+    # simulation and centralized runs only: a deployed site trains on all of its folder.
+    max_images: int = 0
     eval_path: str = ""
     image_size: int = 32
     blur: bool = False
@@ -255,6 +258,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "eval_every": _at_least(1),
     "knn_k": _at_least(1),
     "knn_temperature": _positive,
+    "max_images": _at_least(0),
     "eval_bank_size": _at_least(1),
     "eval_query_size": _at_least(1),
     "dp": _choice(lambda: ("none", "fixed", "adaptive")),

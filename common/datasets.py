@@ -87,6 +87,14 @@ class ImageSet:
         labels = None if self.labels is None else self.labels[idx].contiguous()
         return ImageSet(self.images[idx].contiguous(), labels, self.classes, 0)
 
+    def sample(self, limit: int, seed: int) -> "ImageSet":
+        """At most ``limit`` rows, drawn at random by ``seed`` and kept in their order;
+        ``limit`` 0 means all."""
+        if limit <= 0 or len(self) <= limit:
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.subset(order[:limit].sort().values)
+
 
 # --------------------------------------------------------------------------- public API
 
@@ -112,6 +120,12 @@ def load_images(
     if source == "imagefolder":
         return _load_folder(_folder_for_split(path, split), image_size, cache_dir)
     return _load_torchvision(source, path, image_size, split, cache_dir)
+
+
+def training_images(source: str, path: str, image_size: int, max_images: int, seed: int) -> ImageSet:
+    """The images a simulation shares out to its clients, or the centralized baseline pools:
+    the ``train`` split, cut to a seeded ``max_images`` subset when that is not 0."""
+    return load_images(source, path, image_size, seed=seed).sample(max_images, seed)
 
 
 def load_eval_split(

@@ -100,6 +100,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "clients_ok": stats.get("clients_ok", 0),
             "clients_failed": stats.get("clients_failed", 0),
             "failures": stats.get("failures", {}),
+            **({"client_rules": stats["client_rules"]} if stats.get("client_rules") else {}),
             "aggregated": stats.get("aggregated", server_round > 0),
             "bytes_sent": stats.get("bytes_sent", 0),
             "bytes_received": stats.get("bytes_received", 0),

@@ -5,19 +5,13 @@ from __future__ import annotations
 import torch
 
 from common.config import RunConfig
-from common.datasets import ImageSet, load_eval_split
+from common.datasets import load_eval_split
 from common.evaluation import collapse_std, embed, knn_top1, linear_probe
 from common.logs import get_logger
 from common.methods.base import SSLMethod
 
 log = get_logger()
 
-
-def _sample(images: ImageSet, limit: int, seed: int) -> ImageSet:
-    if len(images) <= limit:
-        return images
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return images.subset(order[:limit].sort().values)
 
 
 def eval_source(cfg: RunConfig) -> tuple[str, str]:
@@ -31,8 +25,8 @@ class GlobalEvaluator:
     def __init__(self, cfg: RunConfig, device: torch.device):
         source, path = eval_source(cfg)
         bank, query = load_eval_split(source, path, cfg.image_size, seed=cfg.seed)
-        self.bank = _sample(bank, cfg.eval_bank_size, cfg.seed)
-        self.query = _sample(query, cfg.eval_query_size, cfg.seed + 1)
+        self.bank = bank.sample(cfg.eval_bank_size, cfg.seed)
+        self.query = query.sample(cfg.eval_query_size, cfg.seed + 1)
         self.num_classes = len(self.bank.classes)
         self.cfg, self.device = cfg, device
         log.info("evaluation: kNN bank %d images, query %d images, %d classes from %s",

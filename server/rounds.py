@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from common.global_updates import METRIC_PREFIX
 from common.schedules import cosine
 from server.nodes import wait_for_nodes
 from server.validation import as_numpy, screen, spec_of
@@ -24,6 +25,19 @@ def scheduled_config(config, server_round: int, base_lr: float, num_rounds: int)
     round_config = ConfigRecord(dict(config))
     round_config["lr"] = cosine((server_round - 1) / num_rounds, base_lr, 0.0)
     return round_config
+
+
+def client_rules(replies: list[Message]) -> dict[str, dict[str, float]]:
+    """Each client's numbers from its strategy's client-side rule (FedU's divergence and
+    choice, FedEMA's mu), by node: averaged, they would hide who took the global model."""
+    rules = {}
+    for reply in replies:
+        for record in reply.content.metric_records.values():
+            numbers = {k[len(METRIC_PREFIX):]: v for k, v in record.items()
+                       if k.startswith(METRIC_PREFIX)}
+            if numbers:
+                rules[str(reply.metadata.src_node_id)] = numbers
+    return rules
 
 
 def sampling(cfg) -> dict:
@@ -107,6 +121,7 @@ class SSLRounds:
             "skipped_images": sum(int(m.content.metric_records[name].get("skipped-images", 0))
                                   for m in verdict.accepted for name in m.content.metric_records),
             "train_metrics": dict(metrics) if metrics is not None else {},
+            "client_rules": client_rules(verdict.accepted),
             # Model arrays only, each way: what a round costs the network.
             "bytes_sent": self._bytes_sent.pop(server_round, 0),
             "bytes_received": sum(record.count_bytes() for m in replies if m.has_content()

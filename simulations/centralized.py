@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.datasets import load_images
+from common.datasets import training_images
 from common.device import select_device, set_threads
 from common.logs import get_logger
 from common.methods import build_method
@@ -31,7 +31,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     set_threads(cfg.threads)
     device = select_device(cfg.device)
     out = RunDir(cfg.out_dir or default_out_dir(), cfg=cfg)
-    data = load_images(cfg.dataset, cfg.data_path, cfg.image_size, seed=cfg.seed)
+    data = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed)
     method = build_method(cfg)
     method.init_local()
     evaluator = GlobalEvaluator(cfg, device)

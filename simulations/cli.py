@@ -78,7 +78,7 @@ def settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
 def preflight(cfg: RunConfig, num_clients: int | None) -> None:
     """Fail in one line before starting Ray, and decode the images once (the disk cache
     then serves every client process)."""
-    from common.datasets import load_eval_split, load_images
+    from common.datasets import load_eval_split, training_images
     from common.partition import partition_indices
     from server.evaluation import eval_source
     from server.strategies import build_strategy
@@ -89,7 +89,7 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
         from server.app import resume_point
         resume_point(cfg, Path(cfg.out_dir).expanduser())
     build_strategy(cfg)
-    images = load_images(cfg.dataset, cfg.data_path, cfg.image_size, seed=cfg.seed)
+    images = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed)
     if num_clients is not None:
         if num_clients < cfg.min_train_clients:
             raise ConfigError(f"num-clients={num_clients} is invalid: must be >= "

@@ -396,3 +396,19 @@ def test_real_cifar10_test_split(tmp_path):
     assert out.images.shape == (10_000, 3, 32, 32)
     assert len(out.classes) == 10 and out.skipped == 0
     assert torch.bincount(out.labels).tolist() == [1000] * 10
+
+
+
+def test_max_images_takes_a_seeded_subset_in_order(synthetic):
+    full = synthetic[0]
+    assert len(ds.training_images("synthetic", "", 32, 0, seed=0)) == len(full)  # 0: all
+    cut = ds.training_images("synthetic", "", 32, 100, seed=0)
+    assert len(cut) == 100
+    assert torch.equal(cut.images, full.sample(100, seed=0).images)
+    assert not torch.equal(full.sample(100, seed=0).images, full.sample(100, seed=1).images)
+    # the rows are the full set's rows, in their original order, with their labels
+    position = {full.images[i].numpy().tobytes(): i for i in range(len(full))}
+    picked = [position[cut.images[i].numpy().tobytes()] for i in range(100)]
+    assert picked == sorted(picked)
+    assert torch.equal(cut.labels, full.labels[picked])
+    assert full.sample(10**9, seed=0) is full

@@ -68,8 +68,9 @@ def test_fedema_first_round_with_a_previous_model_sets_lambda_so_mu_is_tau():
     method, memo = Tiny(), {}
     previous = filled(0.0, counter=2)
     incoming = filled(1.0, counter=5, k0=[[3.0, 4.0], [0.0, 0.0]], k2=[[1.0, 0.0], [0.0, 0.0]])  # d = 3
-    fedema.update(cfg, method, incoming, previous, memo)
+    decided_by = fedema.update(cfg, method, incoming, previous, memo)
     assert memo[fedema.LAMBDA] == pytest.approx(0.7 / 3)
+    assert decided_by == pytest.approx({"divergence": 3.0, "mu": 0.7})
     got = method.shared_state()
     # local <- mu * local + (1 - mu) * global with mu = 0.7, on every float entry
     assert torch.allclose(got["encoder.0.weight"], 0.3 * torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
@@ -101,7 +102,7 @@ def test_fedema_takes_the_global_model_without_a_previous_one_or_any_divergence(
     cfg = RunConfig(strategy="fedema")
     method, memo = Tiny(), {}
     incoming = filled(1.0, k0=[[3.0, 4.0], [0.0, 0.0]])
-    fedema.update(cfg, method, incoming, None, memo)
+    assert fedema.update(cfg, method, incoming, None, memo) == {}
     assert memo == {} and all(torch.equal(method.shared_state()[k], v) for k, v in incoming.items())
     # identical encoders: no lambda can be scaled from d = 0; the global model is taken
     fedema.update(cfg, method, incoming, filled(0.0, k0=[[3.0, 4.0], [0.0, 0.0]], k2=[[1.0, 1.0], [1.0, 1.0]]), memo)
@@ -116,7 +117,9 @@ def test_fedu_replaces_the_predictor_only_below_the_threshold(distance, predicto
     method = Tiny()
     previous = filled(0.0)
     incoming = filled(1.0, k0=[[distance, 0.0], [0.0, 0.0]], k2=[[0.0, distance], [0.0, 0.0]])
-    fedu.update(cfg, method, incoming, previous, {})
+    decided_by = fedu.update(cfg, method, incoming, previous, {})
+    assert decided_by == pytest.approx({"divergence": distance,
+                                        "global-predictor": float(predictor_from == "global")})
     got = method.shared_state()
     expected = incoming if predictor_from == "global" else previous
     assert all(torch.equal(got[k], expected[k]) for k in got if k.startswith("predictor."))
@@ -127,7 +130,7 @@ def test_fedu_replaces_the_predictor_only_below_the_threshold(distance, predicto
 
 def test_fedu_first_round_takes_the_whole_global_model():
     method, incoming = Tiny(), filled(1.0)
-    fedu.update(RunConfig(strategy="fedu"), method, incoming, None, {})
+    assert fedu.update(RunConfig(strategy="fedu"), method, incoming, None, {}) == {}
     assert all(torch.equal(method.shared_state()[k], v) for k, v in incoming.items())
 
 
@@ -262,6 +265,14 @@ def test_two_rounds_move_the_global_model_and_keep_each_rules_state(small_image_
     grid = InProcessGrid(client_app, num_nodes=2)
     run_federation(grid, cfg)
     assert [(r["round"], r["clients_ok"]) for r in rows(tmp_path / "run")] == [(0, 0), (1, 2), (2, 2)]
+    # the client-side rules' numbers, per client, from the round a client has a previous model
+    recorded = [r.get("client_rules") for r in rows(tmp_path / "run")]
+    names = {"fedu": {"divergence", "global-predictor"}, "fedema": {"divergence", "mu"}}.get(strategy)
+    if names is None:
+        assert recorded == [None, None, None]
+    else:
+        assert recorded[:2] == [None, None] and len(recorded[2]) == 2
+        assert all(set(numbers) == names and numbers["divergence"] > 0 for numbers in recorded[2].values())
 
     state = load_run_state(tmp_path / "run" / "checkpoint.safetensors")
     initial = build_method(cfg).shared_state()

@@ -24,10 +24,10 @@ def decay(divergence: float, lam: float) -> float:
     return min(lam * divergence, 1.0)
 
 
-def update(cfg, method, incoming, previous, memo) -> None:
+def update(cfg, method, incoming, previous, memo) -> dict[str, float]:
     if previous is None:
         method.load_partial(dict(incoming))
-        return
+        return {}
     divergence = encoder_divergence(previous, incoming)
     if LAMBDA not in memo and divergence > 0:
         memo[LAMBDA] = cfg.fedema_tau / divergence
@@ -37,3 +37,4 @@ def update(cfg, method, incoming, previous, memo) -> None:
     ema_([local[k] for k in keys], [incoming[k].to(local[k].dtype) for k in keys], mu)
     method.load_partial({**incoming, **local})
     log.info("fedema: encoder divergence %.4f, mu %.4f", divergence, mu)
+    return {"divergence": divergence, "mu": mu}

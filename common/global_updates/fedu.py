@@ -32,13 +32,16 @@ def keeps_local_predictor(divergence: float, threshold: float) -> bool:
     return divergence >= threshold
 
 
-def update(cfg, method, incoming, previous, memo) -> None:
+def update(cfg, method, incoming, previous, memo) -> dict[str, float]:
     require_predictor(cfg.method, incoming)
     state = dict(incoming)
-    if previous is not None:
-        divergence = encoder_divergence(previous, incoming)
-        keep = keeps_local_predictor(divergence, cfg.fedu_threshold)
-        if keep:
-            state.update({k: v for k, v in previous.items() if k.startswith(PREDICTOR)})
-        log.info("fedu: encoder divergence %.4f, %s predictor", divergence, "local" if keep else "global")
+    if previous is None:
+        method.load_partial(state)
+        return {}
+    divergence = encoder_divergence(previous, incoming)
+    keep = keeps_local_predictor(divergence, cfg.fedu_threshold)
+    if keep:
+        state.update({k: v for k, v in previous.items() if k.startswith(PREDICTOR)})
+    log.info("fedu: encoder divergence %.4f, %s predictor", divergence, "local" if keep else "global")
     method.load_partial(state)
+    return {"divergence": divergence, "global-predictor": float(not keep)}
