@@ -146,10 +146,14 @@ def finished_run(deployment, tmp_path_factory):
     values = dict(dataset="imagefolder", data_path=str(eval_folder), eval_path=str(eval_folder),
                   num_rounds=2, out_dir=str(out), threads=1, **TINY)
     cfg = RunConfig(**values)
-    run_config = " ".join(f"{k.replace('_', '-')}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
-                          for k, v in values.items())
-    proc = deployment.run(run_config)
+    proc = deployment.run(run_config(values))
     return deployment, proc, out, cfg
+
+
+def run_config(values: dict) -> str:
+    """`flwr run --run-config` syntax: strings quoted, booleans lower case."""
+    return " ".join(f"{k.replace('_', '-')}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
+                    for k, v in values.items())
 
 
 @pytest.mark.engine
@@ -179,6 +183,31 @@ def test_a_site_without_its_images_fails_clearly_and_the_run_goes_on(finished_ru
     assert all("does not exist" in next(iter(r["failures"].values())) for r in rows[1:])
     log = deployment.procs.log("broken")
     assert "DataError" in log and "vanished' does not exist" in log
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("privacy", [dict(secure_aggregation=True, secagg_threshold=2),
+                                     dict(dp="fixed", dp_clip_norm=1.0, dp_noise_multiplier=0.1)],
+                         ids=["secagg+", "dp"])
+def test_privacy_modes_run_at_the_sites_with_no_site_setting(finished_run, privacy):
+    """The sites started for a plain run serve SecAgg+ and DP runs too; the site without its
+    images drops out of each round and the others' updates are still aggregated."""
+    deployment, _, plain_out, cfg = finished_run
+    out = plain_out.parent / next(iter(privacy))
+    values = dict(dataset="imagefolder", data_path=cfg.data_path, eval_path=cfg.eval_path,
+                  num_rounds=2, out_dir=str(out), threads=1, max_update_norm_ratio=0, **TINY, **privacy)
+    proc = deployment.run(run_config(values))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients_ok"], r["clients_failed"]) for r in rows] == [(0, 0, 0), (1, 2, 1), (2, 2, 1)]
+    initial = build_method(RunConfig(**values)).shared_state()
+    state, _ = load_weights(out / "checkpoint.safetensors")
+    assert any(not torch.equal(state[k], initial[k]) for k in initial if k.startswith("encoder."))
+    report = json.loads((out / "summary.json").read_text())["privacy"]
+    if "dp" in privacy:
+        assert report["dp"] == "fixed" and report["releases"] == 2 and report["epsilon"] > 0
+    else:
+        assert report["secure_aggregation"] is True and report["threshold"] == 2
 
 
 @pytest.mark.engine

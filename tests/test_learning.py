@@ -24,17 +24,12 @@ def _knn(method, bank, query) -> float:
                     embed(method.encoder, query.images), query.labels)
 
 
-def _subset(images, count: int, seed: int):
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return images.subset(order[:count].sort().values)
-
-
 def _gain(cfg: RunConfig, train_count: int, eval_count: int, epochs: int) -> tuple[float, float]:
     torch.manual_seed(cfg.seed)
     set_threads(cfg.threads)  # other tests leave torch at one thread
-    train = _subset(load_images(cfg.dataset, cfg.data_path, cfg.image_size), train_count, 1)
+    train = load_images(cfg.dataset, cfg.data_path, cfg.image_size).sample(train_count, 1)
     bank, query = load_eval_split(cfg.dataset, cfg.data_path, cfg.image_size)
-    bank, query = _subset(bank, eval_count, 2), _subset(query, eval_count, 3)
+    bank, query = bank.sample(eval_count, 2), query.sample(eval_count, 3)
     method = build_method(cfg)
     method.init_local()
     before = _knn(method, bank, query)
