@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from client.local_data import local_images
 from client.privacy import clip_update_mod
 from client.secure import secure_rounds_mod
+from client.transfer import transfer_mod
 from common.config import RunConfig
 from common.device import select_device, set_threads
 from common.global_updates import METRIC_PREFIX, Rule, rule_for
@@ -143,9 +144,9 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     return method.shared_state(), metrics
 
 
-# Outermost first: SecAgg+ rounds leave for their own protocol; DP clipping wraps the
-# plain round's reply.
-@app.train(mods=[secure_rounds_mod(train_round), clip_update_mod])
+# Outermost first: everything inside sees float32 arrays whatever dtype they travel in;
+# SecAgg+ rounds leave for their own protocol; DP clipping wraps the plain round's reply.
+@app.train(mods=[transfer_mod, secure_rounds_mod(train_round), clip_update_mod])
 def train(msg: Message, context: Context) -> Message:
     shared, metrics = train_round(msg.content["config"], msg.content["arrays"], context)
     return Message(RecordDict({"arrays": to_record(shared), "metrics": metrics}), reply_to=msg)

@@ -93,6 +93,9 @@ class RunConfig:
     secagg_clip_range: float = 8.0
     secagg_quant_bits: int = 22
     secagg_max_weight: float = 10000.0
+    # the dtype float arrays travel in, both ways (common/records.py); integer buffers and
+    # the server's global model, checkpoints and exported encoder stay as they are
+    transfer_dtype: str = "float32"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
@@ -213,6 +216,11 @@ def _dataset_names():
     return SOURCES
 
 
+def _transfer_dtypes():
+    from common.records import TRANSFER_DTYPES
+    return TRANSFER_DTYPES
+
+
 def _partition_names():
     from common.partition import SCHEMES
     return SCHEMES
@@ -273,4 +281,5 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "secagg_clip_range": _positive,
     "secagg_quant_bits": lambda v: None if 8 <= v <= 30 else "must be in [8, 30]",
     "secagg_max_weight": _positive,
+    "transfer_dtype": _choice(_transfer_dtypes),
 }

@@ -104,6 +104,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "aggregated": stats.get("aggregated", server_round > 0),
             "bytes_sent": stats.get("bytes_sent", 0),
             "bytes_received": stats.get("bytes_received", 0),
+            "client_train_seconds": round(stats.get("client_train_seconds", 0.0), 3),
             "seconds": round(now - clock["round"], 3),
         }
         clock["round"] = now

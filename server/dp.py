@@ -51,6 +51,10 @@ def check(cfg) -> None:
         raise ConfigError(f"max-update-norm-ratio={cfg.max_update_norm_ratio!r} is invalid with "
                           f"dp={cfg.dp!r}: must be 0 (off); clipping bounds each update, and rejecting "
                           "by the others' norms would make who is averaged depend on other sites' data")
+    if cfg.transfer_dtype != "float32":
+        raise ConfigError(f"transfer-dtype={cfg.transfer_dtype!r} is invalid with dp={cfg.dp!r}: allowed: "
+                          "float32 (rounding a clipped update to a narrower float could raise its norm "
+                          "above dp-clip-norm)")
 
 
 def _is_counter(dtype: str) -> bool:

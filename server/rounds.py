@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.global_updates import METRIC_PREFIX
+from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
 from common.schedules import cosine
 from server.nodes import wait_for_nodes
 from server.validation import as_numpy, screen, spec_of
@@ -65,6 +66,7 @@ class SSLRounds:
         self.max_norm_ratio = cfg.max_update_norm_ratio
         self.round_timeout = cfg.round_timeout
         self.node_wait_timeout = cfg.node_wait_timeout
+        self.transfer_dtype = TRANSFER_DTYPES[cfg.transfer_dtype]
         self.round_offset = 0
         self.round_stats: dict[int, dict] = {}
         self._spec: dict | None = None
@@ -90,13 +92,42 @@ class SSLRounds:
         self._spec = self._spec or spec_of(self._global)
         round_config = scheduled_config(config, server_round, self.base_lr, self.num_rounds)
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        # Narrowed only in the messages: Flower's strategy (FedAdam's current arrays) and the
+        # global model this server keeps stay in the method's dtypes.
+        sent = self._as_sent(arrays)
+        for message in messages:
+            message.content[self.arrayrecord_key] = sent
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
-        self._bytes_sent[server_round] = arrays.count_bytes() * len(messages)
+        self._bytes_sent[server_round] = sent.count_bytes() * len(messages)
         return messages
+
+    def _as_sent(self, arrays: ArrayRecord) -> ArrayRecord:
+        if self.transfer_dtype == TRANSFER_DTYPES["float32"]:
+            return arrays
+        floats = [k for k, (_, dtype) in (self._spec or {}).items() if dtype.kind == "f"]
+        return narrow(arrays, floats, self.transfer_dtype)
+
+    def _widened(self, reply: Message) -> Message:
+        """A reply as the method's dtypes, in place: narrow arrays are changes from the
+        model this server sent (common/records.py). Anything that cannot be read is left as
+        it came, for screening to reject with its reason."""
+        if reply.has_error():
+            return reply
+        for name, record in list(reply.content.array_records.items()):
+            try:
+                if has_narrow(record):
+                    reply.content[name] = decode_update(record, self._global)
+            except Exception:  # noqa: BLE001 - screening names what is wrong with it
+                pass
+        return reply
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
+        # Counted as they travelled, before narrow arrays are widened.
+        received = sum(record.count_bytes() for m in replies if m.has_content()
+                       for record in m.content.array_records.values())
+        replies = [self._widened(m) for m in replies]
         verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio)
         replied = {m.metadata.src_node_id for m in replies}
         for node in self._sent.pop(server_round, []):
@@ -120,12 +151,14 @@ class SSLRounds:
             # Summed here: Flower's metric aggregation is an example-weighted mean.
             "skipped_images": sum(int(m.content.metric_records[name].get("skipped-images", 0))
                                   for m in verdict.accepted for name in m.content.metric_records),
+            # Summed too: the clients' own training time, next to the round's wall time.
+            "client_train_seconds": sum(float(m.content.metric_records[name].get("train-seconds", 0.0))
+                                        for m in verdict.accepted for name in m.content.metric_records),
             "train_metrics": dict(metrics) if metrics is not None else {},
             "client_rules": client_rules(verdict.accepted),
             # Model arrays only, each way: what a round costs the network.
             "bytes_sent": self._bytes_sent.pop(server_round, 0),
-            "bytes_received": sum(record.count_bytes() for m in replies if m.has_content()
-                                  for record in m.content.array_records.values()),
+            "bytes_received": received,
         }
         return arrays, metrics
 

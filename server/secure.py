@@ -47,6 +47,9 @@ def check(cfg) -> None:
     if cfg.dp != "none":
         raise ConfigError(f"dp={cfg.dp!r} is invalid with secure-aggregation=true: allowed: none "
                           "(DP and SecAgg+ are not combined in this version)")
+    if cfg.transfer_dtype != "float32":
+        raise ConfigError(f"transfer-dtype={cfg.transfer_dtype!r} is invalid with secure-aggregation=true: "
+                          "allowed: float32 (SecAgg+ sends its masked update as quantized integers)")
     if cfg.secagg_shares and cfg.secagg_threshold >= cfg.secagg_shares:
         raise ConfigError(f"secagg-threshold={cfg.secagg_threshold} is invalid with secagg-shares="
                           f"{cfg.secagg_shares}: must be < secagg-shares")

@@ -15,7 +15,7 @@ from inprocess import InProcessGrid
 from conftest import fast_config
 
 # Wall-clock measurements; everything else in a row must repeat exactly.
-TIMING = {"seconds", "client_images_per_second"}
+TIMING = {"seconds", "client_images_per_second", "client_train_seconds"}
 
 
 class Killed(BaseException):

@@ -308,7 +308,7 @@ def test_server_optimizer_state_survives_a_kill_and_resume(small_image_folder, t
     run_federation(InProcessGrid(client_app, num_nodes=2),
                    fast_config(small_image_folder, tmp_path / "broken", resume=True, **settings))
 
-    timing = ("seconds", "client_images_per_second")
+    timing = ("seconds", "client_images_per_second", "client_train_seconds")
     assert rows(tmp_path / "broken", timing) == rows(tmp_path / "whole", timing)
     whole = load_run_state(tmp_path / "whole" / "checkpoint.safetensors")
     resumed = load_run_state(tmp_path / "broken" / "checkpoint.safetensors")
