@@ -8,12 +8,13 @@ import logging
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.global_updates import METRIC_PREFIX
 from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
 from common.schedules import cosine
+from server.mean import WeightedMean
 from server.nodes import wait_for_nodes
 from server.validation import as_numpy, screen, spec_of
 
@@ -58,6 +59,9 @@ class SSLRounds:
     """
 
     server_state_attrs: tuple[str, ...] = ()
+    # FedAvg's mean is summed while the replies are screened (server/mean.py); a rule that
+    # needs the replies themselves (a server optimizer, L-DAWA's angles) leaves this off.
+    streams_mean = False
 
     def setup_rounds(self, cfg) -> None:
         self.base_lr = cfg.lr
@@ -128,7 +132,8 @@ class SSLRounds:
         received = sum(record.count_bytes() for m in replies if m.has_content()
                        for record in m.content.array_records.values())
         replies = [self._widened(m) for m in replies]
-        verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio)
+        mean = WeightedMean() if self.streams_mean else None
+        verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio, mean)
         replied = {m.metadata.src_node_id for m in replies}
         for node in self._sent.pop(server_round, []):
             if node not in replied:
@@ -139,7 +144,7 @@ class SSLRounds:
         arrays = metrics = None
         self.last_accepted = verdict.accepted if len(verdict.accepted) >= self.min_valid else []
         if self.last_accepted:
-            arrays, metrics = super().aggregate_train(server_round, verdict.accepted)
+            arrays, metrics = self._aggregate_accepted(server_round, verdict.accepted, mean)
         else:
             log.warning("round %d: %d valid replies, %d needed (min-train-clients); the global "
                         "model stays as it was", server_round, len(verdict.accepted), self.min_valid)
@@ -161,6 +166,12 @@ class SSLRounds:
             "bytes_received": received,
         }
         return arrays, metrics
+
+    def _aggregate_accepted(self, server_round: int, accepted: list[Message], mean: WeightedMean | None):
+        if mean is None:
+            return super().aggregate_train(server_round, accepted)
+        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        return ArrayRecord({k: Array(v) for k, v in mean.result().items()}), metrics
 
     def privacy_report(self) -> dict:
         """summary.json's `privacy`: a plain run has neither protection."""

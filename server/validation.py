@@ -4,13 +4,19 @@ makes Flower's aggregation raise for the whole round. So every reply is screened
 first and a rejected one carries a one-line reason for metrics.jsonl and the log."""
 from __future__ import annotations
 
+import functools
+import io
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SType
+
+from server.mean import WeightedMean, buffer
 
 WEIGHT_KEY = "num-examples"
 # Every array key is named when few differ; a reason stays one readable line otherwise.
@@ -24,7 +30,34 @@ def spec_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...]
 
 
 def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """Read-only views of the record's bytes: Flower's `Array.numpy()` copies every array out
+    of them, and the server reads a round's replies only to screen and sum them."""
+    return {k: _view(v) for k, v in record.items()}
+
+
+def _view(array: Array) -> np.ndarray:
+    if array.stype != SType.NUMPY:
+        return array.numpy()  # raises, naming the serialization it cannot read
+    data = array.data
+    # .npy: 6-byte magic, 2 version bytes, the header's length (2 bytes in version 1, 4 after)
+    length_bytes = 2 if data[6:7] == b"\x01" else 4
+    offset = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], "little")
+    shape, fortran_order, dtype = _npy_header(bytes(data[:offset]))
+    flat = np.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Parsed once per distinct header: a model's arrays repeat theirs in every reply, and
+    parsing (a Python literal) costs more than reading the array in place."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(stream)
+    if dtype.hasobject:  # never unpickled, as np.load(allow_pickle=False) refuses it too
+        raise ValueError(f"array of Python objects ({dtype})")
+    return shape, fortran_order, dtype
 
 
 def _named(keys: Iterable[str]) -> str:
@@ -46,6 +79,11 @@ def array_problem(arrays: Mapping[str, np.ndarray], spec: Spec) -> str | None:
             return f"array {key} has shape {tuple(value.shape)}, expected {shape}"
         if value.dtype != dtype:
             return f"array {key} has dtype {value.dtype}, expected {dtype}"
+    return None
+
+
+def non_finite_problem(arrays: Mapping[str, np.ndarray]) -> str | None:
+    for key, value in arrays.items():
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             return f"array {key} holds NaN or Inf"
     return None
@@ -62,14 +100,21 @@ def metrics_problem(metrics: Mapping[str, object]) -> str | None:
     return None
 
 
-def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                scratch: dict[str, np.ndarray] | None = None) -> float:
     """||client - global|| over floating-point arrays; integer buffers (BN step counters)
-    count steps, not learning, and would only measure how much data a site has."""
+    count steps, not learning, and would only measure how much data a site has. `scratch`
+    keeps the difference buffers from one reply to the next."""
+    scratch = {} if scratch is None else scratch
     total = 0.0
     for key, value in arrays.items():
         if value.dtype.kind == "f":
-            diff = value.astype(np.float64) - np.asarray(reference[key], dtype=np.float64)
-            total += float(np.dot(diff.ravel(), diff.ravel()))
+            # In the arrays' own precision: ample to tell an outlier 10x off, and a float64
+            # copy of every reply would cost more than the rest of aggregation.
+            diff = buffer(scratch, key, value.shape, np.result_type(value, reference[key]))
+            with np.errstate(over="ignore", invalid="ignore"):  # an infinite norm is the answer
+                np.subtract(value, reference[key], out=diff)
+                total += float(np.dot(diff.ravel(), diff.ravel()))
     return total ** 0.5
 
 
@@ -99,32 +144,55 @@ class Screening:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-def _reply_problem(reply: Message, spec: Spec) -> tuple[str | None, dict[str, np.ndarray]]:
+def _reply_problem(reply: Message, spec: Spec, reference: Mapping[str, np.ndarray],
+                   scratch: dict[str, np.ndarray]) -> tuple[str | None, dict[str, np.ndarray], float]:
+    """Why the reply cannot be aggregated (or None), its arrays and its update norm."""
     if reply.has_error():
-        return f"client error: {reply.error.reason}", {}
+        return f"client error: {reply.error.reason}", {}, 0.0
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} "
-                f"and {len(content.metric_records)}"), {}
+                f"and {len(content.metric_records)}"), {}, 0.0
     try:
-        arrays = as_numpy(next(iter(content.array_records.values())))
+        arrays = _arrays(reply)
     except Exception as err:  # undecodable bytes are a bad reply, not a server crash
-        return f"arrays cannot be decoded: {type(err).__name__}: {err}", {}
+        return f"arrays cannot be decoded: {type(err).__name__}: {err}", {}, 0.0
     problem = array_problem(arrays, spec) or metrics_problem(next(iter(content.metric_records.values())))
-    return problem, arrays
+    if problem:
+        return problem, {}, 0.0
+    norm = update_norm(arrays, reference, scratch)
+    if not math.isfinite(norm):
+        # A finite norm means finite arrays, so only a bad reply pays for looking at each.
+        return non_finite_problem(arrays) or f"update norm overflows ({norm})", {}, norm
+    return None, arrays, norm
+
+
+def _weight(reply: Message) -> float:
+    return float(next(iter(reply.content.metric_records.values()))[WEIGHT_KEY])
+
+
+def _arrays(reply: Message) -> dict[str, np.ndarray]:
+    return as_numpy(next(iter(reply.content.array_records.values())))
 
 
 def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.ndarray],
-           max_norm_ratio: float) -> Screening:
-    """Split a round's train replies into those safe to aggregate and rejected ones."""
+           max_norm_ratio: float, mean: WeightedMean | None = None) -> Screening:
+    """Split a round's train replies into those safe to aggregate and rejected ones; with
+    `mean`, also sum the accepted ones into it."""
     result = Screening()
-    candidates: list[tuple[Message, dict[str, np.ndarray]]] = []
+    # Each reply's arrays are decoded, checked and measured, then dropped: holding them all
+    # would cost a model copy per reply on top of the replies themselves.
+    candidates: list[tuple[Message, float]] = []
+    # The mean's buffers serve the norms too: a difference is done with before its reply is summed.
+    scratch = mean.scratch if mean is not None else {}
     for reply in replies:
-        problem, arrays = _reply_problem(reply, spec)
+        problem, arrays, norm = _reply_problem(reply, spec, reference, scratch)
         if problem:
             result.rejected[reply.metadata.src_node_id] = problem
         else:
-            candidates.append((reply, arrays))
+            candidates.append((reply, norm))
+            if mean is not None:
+                mean.add(arrays, _weight(reply))
 
     # Flower aggregates only replies that share record names and metric keys; the most
     # common layout is the protocol, a stray one is the odd site out.
@@ -134,9 +202,16 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
             if _signature(reply) != usual:
                 result.rejected[reply.metadata.src_node_id] = (
                     f"record names or metric keys {_signature(reply)} differ from the other replies' {usual}")
-        candidates = [(r, a) for r, a in candidates if _signature(r) == usual]
 
-    norms = {reply.metadata.src_node_id: update_norm(arrays, reference) for reply, arrays in candidates}
+    norms = {reply.metadata.src_node_id: norm for reply, norm in candidates
+             if reply.metadata.src_node_id not in result.rejected}
     result.rejected.update(norm_outliers(norms, max_norm_ratio))
     result.accepted = [r for r, _ in candidates if r.metadata.src_node_id not in result.rejected]
+    if mean is not None and len(result.accepted) < len(candidates):
+        # Summed again without the late rejects, rather than subtracting them: an outlier's
+        # rounding error would stay in the sum (one of 1e30 would wipe out the rest). Rare:
+        # a second decode of the accepted replies.
+        mean.clear()
+        for reply in result.accepted:
+            mean.add(_arrays(reply), _weight(reply))
     return result

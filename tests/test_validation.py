@@ -5,6 +5,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from hypothesis import given, settings, strategies as st
 
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from server.mean import WeightedMean
 from server.validation import norm_outliers, screen, spec_of, update_norm
 from inprocess import InProcessGrid
 
@@ -116,6 +119,33 @@ def test_a_reply_with_other_metric_keys_than_the_rest_is_rejected(model, extra_m
                            reply_to=Message(RecordDict(), 9, "train")))
     result = screen(replies, spec_of(model), model, RATIO)
     assert set(result.rejected) == {9} and "differ from the other replies" in result.rejected[9]
+
+
+@FAST
+@given(model=models(), weights=st.lists(st.integers(1, 5000), min_size=2, max_size=5),
+       corruption=st.sampled_from(["none", "huge", "enormous", "metric-keys", "nan"]), seed=st.integers(0, 99))
+def test_the_mean_summed_while_screening_is_flowers_fedavg_of_the_accepted(model, weights, corruption, seed):
+    replies = [reply(i, nudged(model, 0.1, seed + i), **{"num-examples": w}) for i, w in enumerate(weights)]
+    bad = {"huge": reply(9, nudged(model, 0.1 * RATIO * 50, seed)),
+           "enormous": reply(9, {k: np.full_like(v, 1e30) if v.dtype.kind == "f" else v for k, v in model.items()}),
+           "metric-keys": reply(9, nudged(model, 0.1, seed), surprise=1.0),
+           "nan": reply(9, {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in model.items()})}
+    if corruption in bad:  # some are added to the sum before they are found out
+        replies.append(bad[corruption])
+    mean = WeightedMean()
+    result = screen(replies, spec_of(model), model, RATIO, mean)
+    assert set(result.rejected) == ({9} if corruption in bad else set())
+
+    expected = aggregate_arrayrecords([m.content for m in result.accepted], "num-examples")
+    got = mean.result()
+    assert got.keys() == model.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == model[key].dtype  # integer buffers stay integers
+        want = value.numpy()
+        if model[key].dtype.kind == "f":
+            np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got[key], np.rint(want).astype(model[key].dtype))
 
 
 @FAST

@@ -7,7 +7,7 @@ from server.rounds import SSLRounds, sampling
 
 
 class FedAvgSSL(SSLRounds, FedAvg):
-    pass
+    streams_mean = True
 
 
 def build(cfg) -> FedAvgSSL:
