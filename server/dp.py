@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 
 from common.config import ConfigError
 from server.accounting import METHOD, gaussian_epsilon
+from server.validation import refuse_per_update_settings
 
 # Rules whose server side is FedAvg's mean: the noise then lands on the mean of the clipped
 # updates. A server optimizer (fedavgm, fedadam) would keep momentum built from noiseless
@@ -47,14 +48,11 @@ def check(cfg) -> None:
     if cfg.strategy not in DP_RULES:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid with dp={cfg.dp!r}: allowed: "
                           f"{', '.join(DP_RULES)} (the noise must land on the mean of clipped updates)")
-    if cfg.max_update_norm_ratio != 0:
-        raise ConfigError(f"max-update-norm-ratio={cfg.max_update_norm_ratio!r} is invalid with "
-                          f"dp={cfg.dp!r}: must be 0 (off); clipping bounds each update, and rejecting "
-                          "by the others' norms would make who is averaged depend on other sites' data")
-    if cfg.transfer_dtype != "float32":
-        raise ConfigError(f"transfer-dtype={cfg.transfer_dtype!r} is invalid with dp={cfg.dp!r}: allowed: "
-                          "float32 (rounding a clipped update to a narrower float could raise its norm "
-                          "above dp-clip-norm)")
+    refuse_per_update_settings(
+        cfg, f"dp={cfg.dp!r}",
+        norm_reason="clipping bounds each update, and rejecting by the others' norms would make "
+                    "who is averaged depend on other sites' data",
+        dtype_reason="rounding a clipped update to a narrower float could raise its norm above dp-clip-norm")
 
 
 def _is_counter(dtype: str) -> bool:

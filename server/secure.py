@@ -27,6 +27,7 @@ from common.config import ConfigError
 from common.secure_update import SHARED_KEYS, summed_keys
 from server.nodes import wait_for_nodes
 from server.rounds import scheduled_config
+from server.validation import refuse_per_update_settings
 
 log = logging.getLogger("fedssl")
 SECURE_RULES = ("fedavg", "fedu", "fedema")
@@ -40,16 +41,12 @@ def check(cfg) -> None:
     if cfg.strategy not in SECURE_RULES:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid with secure-aggregation=true: allowed: "
                           f"{', '.join(SECURE_RULES)} (the server sees only the sum of the updates)")
-    if cfg.max_update_norm_ratio != 0:
-        raise ConfigError(f"max-update-norm-ratio={cfg.max_update_norm_ratio!r} is invalid with "
-                          "secure-aggregation=true: must be 0 (off); the server never sees an "
-                          "individual update's norm")
+    refuse_per_update_settings(
+        cfg, "secure-aggregation=true", norm_reason="the server never sees an individual update's norm",
+        dtype_reason="SecAgg+ sends its masked update as quantized integers")
     if cfg.dp != "none":
         raise ConfigError(f"dp={cfg.dp!r} is invalid with secure-aggregation=true: allowed: none "
                           "(DP and SecAgg+ are not combined in this version)")
-    if cfg.transfer_dtype != "float32":
-        raise ConfigError(f"transfer-dtype={cfg.transfer_dtype!r} is invalid with secure-aggregation=true: "
-                          "allowed: float32 (SecAgg+ sends its masked update as quantized integers)")
     if cfg.secagg_shares and cfg.secagg_threshold >= cfg.secagg_shares:
         raise ConfigError(f"secagg-threshold={cfg.secagg_threshold} is invalid with secagg-shares="
                           f"{cfg.secagg_shares}: must be < secagg-shares")

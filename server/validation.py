@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
+from common.config import ConfigError
 from server.mean import WeightedMean, buffer
 
 WEIGHT_KEY = "num-examples"
@@ -116,6 +117,17 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
                 np.subtract(value, reference[key], out=diff)
                 total += float(np.dot(diff.ravel(), diff.ravel()))
     return total ** 0.5
+
+
+def refuse_per_update_settings(cfg, mode: str, *, norm_reason: str, dtype_reason: str) -> None:
+    """A privacy mode (docs/privacy.md) rules out the two settings that judge or reshape each
+    update on its own: norm screening against the others, and a narrower transfer dtype."""
+    if cfg.max_update_norm_ratio != 0:
+        raise ConfigError(f"max-update-norm-ratio={cfg.max_update_norm_ratio!r} is invalid with "
+                          f"{mode}: must be 0 (off); {norm_reason}")
+    if cfg.transfer_dtype != "float32":
+        raise ConfigError(f"transfer-dtype={cfg.transfer_dtype!r} is invalid with {mode}: allowed: "
+                          f"float32 ({dtype_reason})")
 
 
 def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str]:
