@@ -74,6 +74,7 @@ class SSLRounds:
         self.round_offset = 0
         self.round_stats: dict[int, dict] = {}
         self._spec: dict | None = None
+        self._float_keys: list[str] = []
         self._global: dict[str, np.ndarray] = {}
         self._sent: dict[int, list[int]] = {}
         self._bytes_sent: dict[int, int] = {}
@@ -93,7 +94,9 @@ class SSLRounds:
         self._global = as_numpy(arrays)
         # Replies are held to the first model's keys, shapes and dtypes: later global models
         # come back from FedAvg with integer buffers as float64, clients keep them integer.
-        self._spec = self._spec or spec_of(self._global)
+        if self._spec is None:
+            self._spec = spec_of(self._global)
+            self._float_keys = [k for k, (_, dtype) in self._spec.items() if dtype.kind == "f"]
         round_config = scheduled_config(config, server_round, self.base_lr, self.num_rounds)
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
         # Narrowed only in the messages: Flower's strategy (FedAdam's current arrays) and the
@@ -108,8 +111,7 @@ class SSLRounds:
     def _as_sent(self, arrays: ArrayRecord) -> ArrayRecord:
         if self.transfer_dtype == TRANSFER_DTYPES["float32"]:
             return arrays
-        floats = [k for k, (_, dtype) in (self._spec or {}).items() if dtype.kind == "f"]
-        return narrow(arrays, floats, self.transfer_dtype)
+        return narrow(arrays, self._float_keys, self.transfer_dtype)
 
     def _widened(self, reply: Message) -> Message:
         """A reply as the method's dtypes, in place: narrow arrays are changes from the
