@@ -1,5 +1,6 @@
 """The ClientApp: receive the global shared arrays, train locally on private images, reply
-with the shared arrays and metrics. Local state (e.g. BYOL's target) lives in context.state."""
+with the shared arrays and metrics. Local state (e.g. BYOL's target) lives in context.state
+or, with a state directory, on the site's disk (client/state_store.py)."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,7 @@ from flwr.clientapp import ClientApp
 from client.local_data import local_images
 from client.privacy import clip_update_mod
 from client.secure import secure_rounds_mod
+from client.state_store import DiskStore, MemoryStore, state_store
 from client.transfer import transfer_mod
 from common.config import RunConfig
 from common.device import select_device, set_threads
@@ -51,17 +53,16 @@ def _train_seed(seed: int, server_round: int, context: Context) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
 
 
-def restore_local_state(method, context: Context, server_round: int) -> bool:
+def restore_local_state(method, store: MemoryStore | DiskStore, server_round: int) -> bool:
     """Load this node's local state (BYOL's target); rebuild it from the just-loaded global
     model when it is missing or does not fit (a restarted SuperNode, a resumed server, a
     changed method). Returns whether state a client should have had was rebuilt."""
     expected = method.local_state()
     if not expected:
         return False  # this method keeps nothing locally
-    local = context.state.get(LOCAL_STATE_KEY)
-    problem = "none kept" if not isinstance(local, ArrayRecord) else None
+    state = store.get(LOCAL_STATE_KEY)
+    problem = "none kept" if state is None else None
     if problem is None:
-        state = from_record(local)
         # strict=False loading would leave missing entries as whatever the cached method
         # object last held: another client's target.
         if set(state) != set(expected):
@@ -83,14 +84,13 @@ def restore_local_state(method, context: Context, server_round: int) -> bool:
     return True
 
 
-def enter_global(cfg: RunConfig, method, arrays: ArrayRecord,
-                 context: Context) -> tuple[Rule, dict[str, float]]:
+def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context,
+                 store: MemoryStore | DiskStore) -> tuple[Rule, dict[str, float]]:
     """Load the global shared arrays as the run's strategy says: most replace the local ones,
     FedU and FedEMA keep some of this node's own. Returns the rule and the numbers it decided
     by this round."""
     rule = rule_for(cfg.strategy)
-    kept = context.state.get(PREVIOUS_KEY)
-    previous = from_record(kept) if isinstance(kept, ArrayRecord) else None
+    previous = store.get(PREVIOUS_KEY) if rule.keeps_previous else None
     memo = dict(context.state.get(MEMO_KEY, {}))
     decided_by = rule.apply(cfg, method, from_record(arrays), previous, memo)
     if memo:
@@ -109,8 +109,9 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     data = local_images(cfg, context.node_config)
 
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
-    rule, decided_by = enter_global(cfg, method, global_arrays, context)
-    rebuilt = restore_local_state(method, context, server_round)
+    store = state_store(context, cfg.client_state_dir)
+    rule, decided_by = enter_global(cfg, method, global_arrays, context, store)
+    rebuilt = restore_local_state(method, store, server_round)
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
     # round number, so a client that skips rounds stays on the global schedule.
@@ -126,9 +127,9 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     method.cpu()
     local_state = method.local_state()
     if local_state:
-        context.state[LOCAL_STATE_KEY] = to_record(local_state)
+        store.put(LOCAL_STATE_KEY, local_state)
     if rule.keeps_previous:
-        context.state[PREVIOUS_KEY] = to_record(method.shared_state())
+        store.put(PREVIOUS_KEY, method.shared_state())
     metrics = MetricRecord({
         "num-examples": len(data),
         "train-loss": result.loss,

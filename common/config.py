@@ -96,6 +96,10 @@ class RunConfig:
     # the dtype float arrays travel in, both ways (common/records.py); integer buffers and
     # the server's global model, checkpoints and exported encoder stay as they are
     transfer_dtype: str = "float32"
+    # where clients keep their state between rounds (client/state_store.py): empty, Flower's
+    # context.state in memory; a folder, one file per client (a site's node config
+    # `state-dir` takes precedence)
+    client_state_dir: str = ""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":

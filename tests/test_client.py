@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from safetensors.torch import load_file
 
 from client.app import LOCAL_STATE_KEY, app as client_app
 from common.datasets import DataError
@@ -94,3 +95,32 @@ def test_a_client_that_lost_its_local_state_rebuilds_it_from_the_global_model(
     rebuilt = from_record(ctx.state[LOCAL_STATE_KEY])
     assert set(rebuilt) == set(kept)
     assert all(rebuilt[k].shape == kept[k].shape for k in kept)
+
+
+def test_local_state_kept_in_a_state_dir_survives_a_restarted_supernode(small_image_folder, tmp_path, caplog):
+    cfg = fast_config(small_image_folder, tmp_path, client_state_dir=str(tmp_path / "run-config-dir"))
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "site")}  # the site's wins
+    ctx = context(node)
+    assert client_app(train_message(cfg, 1), ctx).content["metrics"]["local-state-rebuilt"] == 0
+    path = tmp_path / "site" / "run-1" / "client-0" / f"{LOCAL_STATE_KEY}.safetensors"
+    target_1 = load_file(path)
+    assert LOCAL_STATE_KEY not in ctx.state and not (tmp_path / "run-config-dir").exists()
+
+    restarted = context(node)  # a new process: Flower's context.state starts empty
+    assert client_app(train_message(cfg, 2), restarted).content["metrics"]["local-state-rebuilt"] == 0
+    target_2 = load_file(path)
+    key = next(k for k in target_2 if k.endswith("weight") and target_2[k].ndim > 1)
+    assert not torch.equal(target_1[key], target_2[key])  # the EMA went on from round 1's target
+
+    path.write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="fedssl"):
+        reply = client_app(train_message(cfg, 3), context(node))
+    assert reply.content["metrics"]["local-state-rebuilt"] == 1
+    assert f"local state {path} cannot be read" in caplog.text
+    assert set(load_file(path)) == set(target_1)
+
+
+def test_a_simulated_client_keeps_its_state_under_the_run_configs_state_dir(small_image_folder, tmp_path):
+    cfg = fast_config(small_image_folder, tmp_path, client_state_dir=str(tmp_path / "state"))
+    client_app(train_message(cfg, 1), context({"partition-id": 1, "num-partitions": 2}))
+    assert (tmp_path / "state" / "run-1" / "client-1" / f"{LOCAL_STATE_KEY}.safetensors").is_file()
