@@ -86,7 +86,8 @@ def _ours(cfg, images, device, augment=None):
     method.init_local()
     return train_epochs(method, images, augment or augmenter(cfg), epochs=1,
                         batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, device=device, amp=cfg.amp)
+                        weight_decay=cfg.weight_decay, device=device, amp=cfg.amp,
+                        predictor_lr_scale=cfg.predictor_lr_scale)
 
 
 def _model_only(cfg, images, device):

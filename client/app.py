@@ -123,6 +123,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
         progress_start=(server_round - 1) * per_round / total,
         progress_end=server_round * per_round / total,
         amp=cfg.amp, seed=_train_seed(cfg.seed, server_round, context),
+        predictor_lr_scale=cfg.predictor_lr_scale,
     )
     method.cpu()
     local_state = method.local_state()

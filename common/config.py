@@ -21,6 +21,7 @@ class RunConfig:
     proj_dim: int = 256
     hidden_dim: int = 1024
     byol_tau: float = 0.99
+    predictor_lr_scale: float = 1.0  # BYOL's and SimSiam's predictor trains at this x lr
     simclr_temperature: float = 0.2
     moco_temperature: float = 0.2
     moco_queue_size: int = 4096
@@ -238,6 +239,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "proj_dim": _at_least(1),
     "hidden_dim": _at_least(1),
     "byol_tau": _between(0.0, 1.0),
+    "predictor_lr_scale": _positive,
     "simclr_temperature": _positive,
     "moco_temperature": _positive,
     "moco_queue_size": _at_least(1),

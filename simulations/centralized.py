@@ -50,7 +50,8 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
                 lr=cosine((epoch - 1) / epochs, cfg.lr, 0.0), momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay, device=device,
                 progress_start=(epoch - 1) / epochs, progress_end=epoch / epochs,
-                amp=cfg.amp, seed=cfg.seed * 1_000_003 + epoch)
+                amp=cfg.amp, seed=cfg.seed * 1_000_003 + epoch,
+                predictor_lr_scale=cfg.predictor_lr_scale)
             final = epoch == epochs
             evaluate = final or epoch % cfg.eval_every == 0
             scores = evaluator(method, probe=final and cfg.probe) if evaluate else {}

@@ -35,7 +35,7 @@ def _gain(cfg: RunConfig, train_count: int, eval_count: int, epochs: int) -> tup
     before = _knn(method, bank, query)
     train_epochs(method, train.images, augmenter(cfg), epochs=epochs, batch_size=cfg.batch_size,
                  lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                 device=torch.device("cpu"))
+                 device=torch.device("cpu"), predictor_lr_scale=cfg.predictor_lr_scale)
     return before, _knn(method, bank, query)
 
 

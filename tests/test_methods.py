@@ -10,6 +10,7 @@ from common.methods import METHODS, build_method
 from common.methods.byol import byol_loss
 from common.methods.simsiam import simsiam_loss
 from common.schedules import byol_tau, cosine
+from common.training import param_groups
 
 
 def small(method: str) -> RunConfig:
@@ -100,3 +101,19 @@ def test_load_partial_rejects_foreign_keys():
     method = build_method(small("simsiam"))
     with pytest.raises(KeyError, match="does not have"):
         method.load_partial({"nonsense.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name, has_predictor", [("byol", True), ("simsiam", True), ("simclr", False)])
+def test_the_predictor_trains_at_its_own_learning_rate(name, has_predictor):
+    method = build_method(RunConfig(method=name, encoder="resnet10", proj_dim=16, hidden_dim=32))
+    groups = param_groups(method, 0.05, 10.0)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)  # each parameter once
+    assert groups[0]["lr"] == 0.05
+    if has_predictor:
+        predictor = {id(p) for p in method.predictor.parameters()}
+        assert len(groups) == 2 and math.isclose(groups[1]["lr"], 0.5)
+        assert {id(p) for p in groups[1]["params"]} == predictor
+        assert not predictor & {id(p) for p in groups[0]["params"]}
+    else:
+        assert len(groups) == 1

@@ -22,6 +22,8 @@ class SSLMethod(nn.Module):
     """
 
     shared_prefixes: tuple[str, ...] = ()
+    # trained at the run's predictor-lr-scale x lr (common/training.py)
+    predictor_prefixes: tuple[str, ...] = ()
     encoder: nn.Module
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class BYOL(SSLMethod):
     shared_prefixes = ("encoder.", "projector.", "predictor.")
+    predictor_prefixes = ("predictor.",)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, heads: HeadSizes, base_tau: float = 0.99):
         super().__init__()

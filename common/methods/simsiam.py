@@ -17,6 +17,7 @@ def simsiam_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 class SimSiam(SSLMethod):
     shared_prefixes = ("encoder.", "projector.", "predictor.")
+    predictor_prefixes = ("predictor.",)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, heads: HeadSizes):
         super().__init__()
