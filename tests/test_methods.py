@@ -78,7 +78,7 @@ def test_method_trains_a_step_and_splits_shared_from_local(name):
 
 
 def test_byol_target_is_local_and_follows_online_by_ema():
-    method = build_method(small("byol"))
+    method = build_method(RunConfig(method="byol", proj_dim=32, hidden_dim=64, byol_tau=0.99))
     method.init_local()
     assert all(k.startswith(("target_encoder.", "target_projector.")) for k in method.local_state())
     assert all(not p.requires_grad for p in method.target_encoder.parameters())
