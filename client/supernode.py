@@ -2,7 +2,8 @@
 
 TLS is on by default (the CA certificate verifies the server) and the site authenticates
 with its private key (`fedssl certs`); plaintext only with `insecure=True`. The ClientApp
-reads the node config: `data-path` (the site's image folder), `threads` and `device`.
+reads the node config: `data-path` (the site's image folder), `threads`, `device` and,
+when given, `state-dir` (where the site keeps its state between rounds: client/state_store.py).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class SuperNodeSettings:
     port: int = 9094  # the SuperNode's local runtime API; one per SuperNode on a host
     insecure: bool = False
     max_wait_time: float | None = None  # give up connecting after this many seconds
+    state_dir: Path | None = None  # None: state between rounds in the SuperNode's memory
 
 
 def executable(name: str) -> str:
@@ -44,8 +46,11 @@ def _toml_string(value: str) -> str:
 
 
 def node_config(settings: SuperNodeSettings) -> str:
-    return (f"data-path={_toml_string(str(settings.data_path))} threads={int(settings.threads)} "
-            f"device={_toml_string(settings.device)}")
+    config = (f"data-path={_toml_string(str(settings.data_path))} threads={int(settings.threads)} "
+              f"device={_toml_string(settings.device)}")
+    if settings.state_dir is not None:
+        config += f" state-dir={_toml_string(str(settings.state_dir))}"
+    return config
 
 
 def check(settings: SuperNodeSettings, *, check_data: bool = True) -> None:

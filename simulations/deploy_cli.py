@@ -50,6 +50,9 @@ def add_commands(commands) -> None:
     sub.add_argument("--key", type=Path, default=None, help="this site's private key (NAME.key)")
     sub.add_argument("--threads", type=int, default=0, help="CPU threads for training (0: all)")
     sub.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1")
+    sub.add_argument("--state-dir", type=Path, default=None,
+                     help="keep the state a client carries between rounds (BYOL's target) in files "
+                          "here, so a restarted SuperNode keeps it (default: in memory)")
     sub.add_argument("--port", type=int, default=9094,
                      help="local runtime API port; one per SuperNode on a host (default: 9094)")
     sub.add_argument("--max-wait-time", type=float, default=None,
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             settings = SuperNodeSettings(
                 superlink=args.superlink, data_path=resolve(args.data_path), ca=resolve(args.ca),
                 key=resolve(args.key), threads=args.threads, device=args.device, port=args.port,
-                insecure=args.insecure, max_wait_time=args.max_wait_time)
+                insecure=args.insecure, max_wait_time=args.max_wait_time, state_dir=resolve(args.state_dir))
             return _exec(supernode_command(settings), args.dry_run)
         elif args.command == "connect":
             path = add_connection(args.name, args.address, args.ca, insecure=args.insecure,

@@ -109,6 +109,9 @@ def test_client_command_checks_and_node_config(tmp_path):
                                             insecure=True))
     assert "--insecure" in supernode_command(SuperNodeSettings(
         superlink="srv:8000", data_path=images, insecure=True))
+    kept = supernode_command(SuperNodeSettings(superlink="srv:8000", data_path=images, insecure=True,
+                                               state_dir=tmp_path / "state"))
+    assert kept[kept.index("--node-config") + 1].endswith(f' state-dir="{tmp_path / "state"}"')
     from client import supernode
     from common import datasets
     assert supernode.IMAGE_EXTENSIONS == datasets.IMAGE_EXTENSIONS
