@@ -43,7 +43,7 @@ class RunConfig:
     alpha: float = 0.5
     shards_per_client: int = 2
     # federation
-    num_rounds: int = 13
+    num_rounds: int = 11
     # Half the clients a round, as Flower's app template: on one machine the global model
     # advances by about one client's local steps per round however many are averaged, so
     # fewer clients and more rounds learn more per CPU second (docs/results.md).
