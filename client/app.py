@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from client.local_data import local_images
 from client.privacy import clip_update_mod
 from client.secure import secure_rounds_mod
-from client.state_store import DiskStore, MemoryStore, state_store
+from client.state_store import Store, state_store
 from client.transfer import transfer_mod
 from common.config import RunConfig
 from common.device import select_device, set_threads
@@ -53,7 +53,7 @@ def _train_seed(seed: int, server_round: int, context: Context) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
 
 
-def restore_local_state(method, store: MemoryStore | DiskStore, server_round: int) -> bool:
+def restore_local_state(method, store: Store, server_round: int) -> bool:
     """Load this node's local state (BYOL's target); rebuild it from the just-loaded global
     model when it is missing or does not fit (a restarted SuperNode, a resumed server, a
     changed method). Returns whether state a client should have had was rebuilt."""
@@ -85,7 +85,7 @@ def restore_local_state(method, store: MemoryStore | DiskStore, server_round: in
 
 
 def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context,
-                 store: MemoryStore | DiskStore) -> tuple[Rule, dict[str, float]]:
+                 store: Store) -> tuple[Rule, dict[str, float]]:
     """Load the global shared arrays as the run's strategy says: most replace the local ones,
     FedU and FedEMA keep some of this node's own. Returns the rule and the numbers it decided
     by this round."""

@@ -57,6 +57,9 @@ class DiskStore:
         atomic_write(self.folder / f"{key}.safetensors", lambda tmp: save_file(contiguous, tmp))
 
 
-def state_store(context: Context, client_state_dir: str) -> MemoryStore | DiskStore:
+Store = MemoryStore | DiskStore
+
+
+def state_store(context: Context, client_state_dir: str) -> Store:
     root = str(context.node_config.get("state-dir", "")) or client_state_dir
     return DiskStore(Path(root), context) if root else MemoryStore(context)

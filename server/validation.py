@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
 from common.config import ConfigError
-from server.mean import WeightedMean, buffer
+from server.mean import BlockBuffers, WeightedMean, flat, spans
 
 WEIGHT_KEY = "num-examples"
 # Every array key is named when few differ; a reason stays one readable line otherwise.
@@ -44,8 +44,8 @@ def _view(array: Array) -> np.ndarray:
     length_bytes = 2 if data[6:7] == b"\x01" else 4
     offset = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], "little")
     shape, fortran_order, dtype = _npy_header(bytes(data[:offset]))
-    flat = np.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    elements = np.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
+    return elements.reshape(shape, order="F" if fortran_order else "C")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -102,21 +102,17 @@ def metrics_problem(metrics: Mapping[str, object]) -> str | None:
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                scratch: dict[str, np.ndarray] | None = None) -> float:
+                blocks: BlockBuffers | None = None) -> float:
     """||client - global|| over floating-point arrays; integer buffers (BN step counters)
-    count steps, not learning, and would only measure how much data a site has. `scratch`
-    keeps the difference buffers from one reply to the next."""
-    scratch = {} if scratch is None else scratch
-    total = 0.0
+    count steps, not learning, and would only measure how much data a site has. Block by
+    block (server/mean.py): a model-sized difference would cost more than the arithmetic."""
+    blocks = blocks or BlockBuffers()
+    squared = 0.0
     for key, value in arrays.items():
         if value.dtype.kind == "f":
-            # In the arrays' own precision: ample to tell an outlier 10x off, and a float64
-            # copy of every reply would cost more than the rest of aggregation.
-            diff = buffer(scratch, key, value.shape, np.result_type(value, reference[key]))
-            with np.errstate(over="ignore", invalid="ignore"):  # an infinite norm is the answer
-                np.subtract(value, reference[key], out=diff)
-                total += float(np.dot(diff.ravel(), diff.ravel()))
-    return total ** 0.5
+            values, against = flat(value), flat(reference[key])
+            squared += sum(blocks.squared_distance(values[span], against[span]) for span in spans(values.size))
+    return squared ** 0.5
 
 
 def refuse_per_update_settings(cfg, mode: str, *, norm_reason: str, dtype_reason: str) -> None:
@@ -156,27 +152,19 @@ class Screening:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-def _reply_problem(reply: Message, spec: Spec, reference: Mapping[str, np.ndarray],
-                   scratch: dict[str, np.ndarray]) -> tuple[str | None, dict[str, np.ndarray], float]:
-    """Why the reply cannot be aggregated (or None), its arrays and its update norm."""
+def _reply_problem(reply: Message, spec: Spec) -> tuple[str | None, dict[str, np.ndarray]]:
+    """Why the reply's layout or metrics cannot be aggregated (or None), and its arrays."""
     if reply.has_error():
-        return f"client error: {reply.error.reason}", {}, 0.0
+        return f"client error: {reply.error.reason}", {}
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} "
-                f"and {len(content.metric_records)}"), {}, 0.0
+                f"and {len(content.metric_records)}"), {}
     try:
         arrays = _arrays(reply)
     except Exception as err:  # undecodable bytes are a bad reply, not a server crash
-        return f"arrays cannot be decoded: {type(err).__name__}: {err}", {}, 0.0
-    problem = array_problem(arrays, spec) or metrics_problem(next(iter(content.metric_records.values())))
-    if problem:
-        return problem, {}, 0.0
-    norm = update_norm(arrays, reference, scratch)
-    if not math.isfinite(norm):
-        # A finite norm means finite arrays, so only a bad reply pays for looking at each.
-        return non_finite_problem(arrays) or f"update norm overflows ({norm})", {}, norm
-    return None, arrays, norm
+        return f"arrays cannot be decoded: {type(err).__name__}: {err}", {}
+    return array_problem(arrays, spec) or metrics_problem(next(iter(content.metric_records.values()))), arrays
 
 
 def _weight(reply: Message) -> float:
@@ -195,16 +183,22 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
     # Each reply's arrays are decoded, checked and measured, then dropped: holding them all
     # would cost a model copy per reply on top of the replies themselves.
     candidates: list[tuple[Message, float]] = []
-    # The mean's buffers serve the norms too: a difference is done with before its reply is summed.
-    scratch = mean.scratch if mean is not None else {}
+    summed_rejects = False
+    blocks = mean.blocks if mean is not None else BlockBuffers()
     for reply in replies:
-        problem, arrays, norm = _reply_problem(reply, spec, reference, scratch)
+        problem, arrays = _reply_problem(reply, spec)
         if problem:
             result.rejected[reply.metadata.src_node_id] = problem
-        else:
+            continue
+        # With a mean, the norm is measured in the pass that sums the reply: read once.
+        norm = (mean.add(arrays, _weight(reply), reference) if mean is not None
+                else update_norm(arrays, reference, blocks))
+        if math.isfinite(norm):
             candidates.append((reply, norm))
-            if mean is not None:
-                mean.add(arrays, _weight(reply))
+        else:
+            # A finite norm means finite arrays, so only a bad reply pays for looking at each.
+            result.rejected[reply.metadata.src_node_id] = non_finite_problem(arrays) or f"update norm overflows ({norm})"
+            summed_rejects = mean is not None
 
     # Flower aggregates only replies that share record names and metric keys; the most
     # common layout is the protocol, a stray one is the odd site out.
@@ -219,10 +213,10 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
              if reply.metadata.src_node_id not in result.rejected}
     result.rejected.update(norm_outliers(norms, max_norm_ratio))
     result.accepted = [r for r, _ in candidates if r.metadata.src_node_id not in result.rejected]
-    if mean is not None and len(result.accepted) < len(candidates):
-        # Summed again without the late rejects, rather than subtracting them: an outlier's
-        # rounding error would stay in the sum (one of 1e30 would wipe out the rest). Rare:
-        # a second decode of the accepted replies.
+    if mean is not None and (summed_rejects or len(result.accepted) < len(candidates)):
+        # Summed again without the rejects found after summing, rather than subtracting them:
+        # an outlier's rounding error would stay in the sum (one of 1e30, or an infinity,
+        # would wipe out the rest). Rare: a second read of the accepted replies.
         mean.clear()
         for reply in result.accepted:
             mean.add(_arrays(reply), _weight(reply))

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from server.mean import WeightedMean
+from server.mean import BLOCK, WeightedMean
 from server.validation import norm_outliers, screen, spec_of, update_norm
 from inprocess import InProcessGrid
 
@@ -162,3 +162,21 @@ def test_norm_outliers_are_exactly_those_above_ratio_times_lower_median(norms, r
 @given(model=models(), scale=st.floats(0.0, 10.0), seed=st.integers(0, 99))
 def test_update_norm_measures_the_floating_point_step(model, scale, seed):
     assert np.isclose(update_norm(nudged(model, scale, seed), model), scale, rtol=1e-3, atol=1e-3)
+
+
+def test_arrays_spanning_many_blocks_are_summed_and_measured_whole():
+    # Walked block by block; a Fortran-ordered reply must line up with the C-ordered sum.
+    rng = np.random.default_rng(0)
+    model = {"conv": rng.standard_normal((3, BLOCK + 5)).astype(np.float32), "steps": np.array(7)}
+    updates = [nudged(model, 0.5 * (i + 1), i) for i in range(3)]
+    updates[1]["conv"] = np.asfortranarray(updates[1]["conv"])
+    replies = [Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in u.items()}),
+                                   "metrics": MetricRecord({"num-examples": i + 1})}),
+                       reply_to=Message(RecordDict(), i, "train")) for i, u in enumerate(updates)]
+    mean = WeightedMean()
+    result = screen(replies, spec_of(model), model, RATIO, mean)
+    assert not result.rejected
+    want = sum((i + 1) * u["conv"].astype(np.float64) for i, u in enumerate(updates)) / 6
+    np.testing.assert_allclose(mean.result()["conv"], want, rtol=1e-5, atol=1e-5)
+    for i, update in enumerate(updates):
+        assert np.isclose(update_norm(update, model), 0.5 * (i + 1), rtol=1e-4)
