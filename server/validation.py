@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
 from common.config import ConfigError
-from server.mean import BlockBuffers, WeightedMean, flat, spans
+from server.mean import BlockWalker, WeightedMean
 
 WEIGHT_KEY = "num-examples"
 # Every array key is named when few differ; a reason stays one readable line otherwise.
@@ -102,17 +102,11 @@ def metrics_problem(metrics: Mapping[str, object]) -> str | None:
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                blocks: BlockBuffers | None = None) -> float:
+                walker: BlockWalker | None = None) -> float:
     """||client - global|| over floating-point arrays; integer buffers (BN step counters)
     count steps, not learning, and would only measure how much data a site has. Block by
     block (server/mean.py): a model-sized difference would cost more than the arithmetic."""
-    blocks = blocks or BlockBuffers()
-    squared = 0.0
-    for key, value in arrays.items():
-        if value.dtype.kind == "f":
-            values, against = flat(value), flat(reference[key])
-            squared += sum(blocks.squared_distance(values[span], against[span]) for span in spans(values.size))
-    return squared ** 0.5
+    return (walker or BlockWalker(threads=1)).run(arrays, reference, sums=None)
 
 
 def refuse_per_update_settings(cfg, mode: str, *, norm_reason: str, dtype_reason: str) -> None:
@@ -184,7 +178,7 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
     # would cost a model copy per reply on top of the replies themselves.
     candidates: list[tuple[Message, float]] = []
     summed_rejects = False
-    blocks = mean.blocks if mean is not None else BlockBuffers()
+    walker = mean.walker if mean is not None else BlockWalker()
     for reply in replies:
         problem, arrays = _reply_problem(reply, spec)
         if problem:
@@ -192,7 +186,7 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
             continue
         # With a mean, the norm is measured in the pass that sums the reply: read once.
         norm = (mean.add(arrays, _weight(reply), reference) if mean is not None
-                else update_norm(arrays, reference, blocks))
+                else update_norm(arrays, reference, walker))
         if math.isfinite(norm):
             candidates.append((reply, norm))
         else:

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from server.mean import BLOCK, WeightedMean
+from server.mean import BLOCK, BlockWalker, WeightedMean
 from server.validation import norm_outliers, screen, spec_of, update_norm
 from inprocess import InProcessGrid
 
@@ -180,3 +180,19 @@ def test_arrays_spanning_many_blocks_are_summed_and_measured_whole():
     np.testing.assert_allclose(mean.result()["conv"], want, rtol=1e-5, atol=1e-5)
     for i, update in enumerate(updates):
         assert np.isclose(update_norm(update, model), 0.5 * (i + 1), rtol=1e-4)
+
+
+def test_the_walk_shared_over_threads_gives_the_single_thread_result():
+    rng = np.random.default_rng(1)
+    model = {"a": rng.standard_normal(3 * BLOCK + 7).astype(np.float32), "b": rng.standard_normal(9).astype(np.float32)}
+    update = nudged(model, 2.0, 3)
+    results = []
+    for threads in (1, 3):
+        sums = {k: np.zeros(v.size, v.dtype) for k, v in model.items()}
+        norm = BlockWalker(threads).run(update, model, sums, weight=0.5)
+        results.append((norm, sums))
+    (norm1, sums1), (norm3, sums3) = results
+    assert np.isclose(norm1, norm3, rtol=1e-6) and np.isclose(norm1, 2.0, rtol=1e-4)
+    for key in model:
+        np.testing.assert_array_equal(sums1[key], sums3[key])
+        np.testing.assert_allclose(sums1[key], 0.5 * update[key], rtol=1e-6)
