@@ -45,7 +45,7 @@ from common.config import RunConfig  # noqa: E402
 from common.datasets import load_images  # noqa: E402
 from common.device import select_device, set_threads  # noqa: E402
 from common.methods import build_method  # noqa: E402
-from common.training import augmenter, train_epochs  # noqa: E402
+from common.training import augmenter, step_settings, train_epochs  # noqa: E402
 from process_memory import TreePeak, current_rss, peak_rss, reset_peak_rss  # noqa: E402
 
 TARGETS = {"vs_lightly": 1.5, "vs_model_only": 0.85, "overhead": 1.15, "scale_gb": 4.0,
@@ -84,10 +84,8 @@ def data_settings(args) -> dict:
 def _ours(cfg, images, device, augment=None):
     method = build_method(cfg)
     method.init_local()
-    return train_epochs(method, images, augment or augmenter(cfg), epochs=1,
-                        batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, device=device, amp=cfg.amp,
-                        predictor_lr_scale=cfg.predictor_lr_scale)
+    return train_epochs(method, images, augment or augmenter(cfg), epochs=1, device=device,
+                        **step_settings(cfg))
 
 
 def _model_only(cfg, images, device):

@@ -20,7 +20,7 @@ from common.device import select_device, set_threads
 from common.global_updates import METRIC_PREFIX, Rule, rule_for
 from common.methods import MODEL_FIELDS, build_method
 from common.records import from_record, to_record
-from common.training import augmenter, steps_per_epoch, train_epochs
+from common.training import augmenter, step_settings, steps_per_epoch, train_epochs
 
 log = logging.getLogger("fedssl")
 LOCAL_STATE_KEY = "fedssl-local"
@@ -118,12 +118,10 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     per_round = cfg.local_epochs * steps_per_epoch(len(data), cfg.batch_size)
     total = cfg.num_rounds * per_round
     result = train_epochs(
-        method, data.images, augmenter(cfg), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=device,
+        method, data.images, augmenter(cfg), epochs=cfg.local_epochs, device=device,
         progress_start=(server_round - 1) * per_round / total,
         progress_end=server_round * per_round / total,
-        amp=cfg.amp, seed=_train_seed(cfg.seed, server_round, context),
-        predictor_lr_scale=cfg.predictor_lr_scale,
+        seed=_train_seed(cfg.seed, server_round, context), **step_settings(cfg),
     )
     method.cpu()
     local_state = method.local_state()

@@ -37,6 +37,13 @@ def augmenter(cfg) -> TwoViewAugment:
                                         crop_scale=(cfg.crop_min_scale, 1.0)))
 
 
+def step_settings(cfg) -> dict:
+    """train_epochs' batch, optimizer and precision settings as the run config gives them,
+    so every caller that trains as a client does passes the same ones."""
+    return {"batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "amp": cfg.amp, "predictor_lr_scale": cfg.predictor_lr_scale}
+
+
 def param_groups(method: SSLMethod, lr: float, predictor_lr_scale: float) -> list[dict]:
     """The trainable parameters at `lr`, the method's predictor at `predictor_lr_scale` x lr.
     The predictor has to keep up with a projector that moves under it; SimSiam's authors

@@ -80,7 +80,7 @@ class BlockWalker:
             sums: Mapping[str, np.ndarray] | None, weight: float = 0.0) -> float:
         """||arrays - reference|| over the floating-point arrays (with a reference), having
         added weight x arrays to `sums` (when given; flat, C-ordered, keyed as arrays)."""
-        blocks, sizes = [], []
+        blocks = []
         for key, value in arrays.items():
             values = flat(value)
             against = flat(reference[key]) if reference is not None and value.dtype.kind == "f" else None
@@ -90,8 +90,7 @@ class BlockWalker:
             for span in spans(values.size):
                 blocks.append((values[span], None if against is None else against[span],
                                None if total is None else total[span]))
-                sizes.append(span.stop - span.start)
-        shares = _split(blocks, sizes, self.threads)
+        shares = _split(blocks, self.threads)
         if len(shares) == 1:
             return self._buffers[0].walk(shares[0], weight) ** 0.5
         futures = [_pool(self.threads).submit(buffers.walk, share, weight)
@@ -99,15 +98,15 @@ class BlockWalker:
         return sum(f.result() for f in futures) ** 0.5
 
 
-def _split(blocks: list, sizes: list[int], parts: int) -> list[list]:
+def _split(blocks: list, parts: int) -> list[list]:
     """`blocks` cut into at most `parts` contiguous shares of about equal element counts."""
-    total = sum(sizes)
+    total = sum(block[0].size for block in blocks)
     if parts <= 1 or total < parts * BLOCK:
         return [blocks]
     shares, current, done = [], [], 0
-    for block, size in zip(blocks, sizes):
+    for block in blocks:
         current.append(block)
-        done += size
+        done += block[0].size
         if done >= total * (len(shares) + 1) / parts and len(shares) < parts - 1:
             shares.append(current)
             current = []
@@ -116,8 +115,8 @@ def _split(blocks: list, sizes: list[int], parts: int) -> list[list]:
 
 
 class WeightedMean:
-    def __init__(self, threads: int = 0) -> None:
-        self.walker = BlockWalker(threads)
+    def __init__(self) -> None:
+        self.walker = BlockWalker()
         self.clear()
 
     def clear(self) -> None:

@@ -106,7 +106,7 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     """||client - global|| over floating-point arrays; integer buffers (BN step counters)
     count steps, not learning, and would only measure how much data a site has. Block by
     block (server/mean.py): a model-sized difference would cost more than the arithmetic."""
-    return (walker or BlockWalker(threads=1)).run(arrays, reference, sums=None)
+    return (walker or BlockWalker()).run(arrays, reference, sums=None)
 
 
 def refuse_per_update_settings(cfg, mode: str, *, norm_reason: str, dtype_reason: str) -> None:

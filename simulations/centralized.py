@@ -13,7 +13,7 @@ from common.device import select_device, set_threads
 from common.logs import get_logger
 from common.methods import build_method
 from common.schedules import cosine
-from common.training import augmenter, train_epochs
+from common.training import augmenter, step_settings, train_epochs
 from server.evaluation import GlobalEvaluator
 from server.progress import Progress
 from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
@@ -46,12 +46,10 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
         for epoch in range(1, epochs + 1):
             tick = time.perf_counter()
             result = train_epochs(
-                method, data.images, augment, epochs=1, batch_size=cfg.batch_size,
-                lr=cosine((epoch - 1) / epochs, cfg.lr, 0.0), momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, device=device,
+                method, data.images, augment, epochs=1, device=device,
                 progress_start=(epoch - 1) / epochs, progress_end=epoch / epochs,
-                amp=cfg.amp, seed=cfg.seed * 1_000_003 + epoch,
-                predictor_lr_scale=cfg.predictor_lr_scale)
+                seed=cfg.seed * 1_000_003 + epoch,
+                **{**step_settings(cfg), "lr": cosine((epoch - 1) / epochs, cfg.lr, 0.0)})
             final = epoch == epochs
             evaluate = final or epoch % cfg.eval_every == 0
             scores = evaluator(method, probe=final and cfg.probe) if evaluate else {}

@@ -10,7 +10,7 @@ from common.datasets import load_eval_split, load_images
 from common.device import set_threads
 from common.evaluation import embed, knn_top1
 from common.methods import build_method
-from common.training import augmenter, train_epochs
+from common.training import augmenter, step_settings, train_epochs
 from conftest import cifar10_path
 
 # Measured with these settings: synthetic 0.319 -> 0.356, CIFAR-10 0.250 -> 0.286 (seed 0).
@@ -33,9 +33,8 @@ def _gain(cfg: RunConfig, train_count: int, eval_count: int, epochs: int) -> tup
     method = build_method(cfg)
     method.init_local()
     before = _knn(method, bank, query)
-    train_epochs(method, train.images, augmenter(cfg), epochs=epochs, batch_size=cfg.batch_size,
-                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                 device=torch.device("cpu"), predictor_lr_scale=cfg.predictor_lr_scale)
+    train_epochs(method, train.images, augmenter(cfg), epochs=epochs, device=torch.device("cpu"),
+                 **step_settings(cfg))
     return before, _knn(method, bank, query)
 
 
