@@ -14,6 +14,16 @@ Sources (``SOURCES``):
   Decoded with a small thread pool once, then cached as one ``.npz`` under the cache directory.
 * ``cifar10`` / ``cifar100`` - torchvision datasets under ``path`` (downloaded when missing).
 
+Held-out images are never trained on. The server evaluates on ``(bank, query)`` from
+:func:`load_eval_split`; the query side (also the linear probe's test set) is other images
+than the training split whenever the source has one of its own (``synthetic``'s test split is
+a separate render; cifar's test files; a folder's ``test/``). When an image folder without
+``train/`` and ``test/`` is both the training folder and the evaluation folder, the query side
+is a seeded split of the training images, so :func:`training_images` leaves it out (the same
+split from the seed alone, on every client and on the server); folders that overlap in any
+other way are refused (:func:`evaluation_source`). The bank may be the training images, as in
+standard SSL evaluation, where the kNN bank is the training set.
+
 torchvision is imported only for the cifar sources: a ClientApp process pays imports per message.
 """
 
@@ -34,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from common.config import ConfigError
 from common.synthetic import SYNTHETIC_CLASSES, render_synthetic
 
 logger = logging.getLogger("fedssl")
@@ -122,10 +133,72 @@ def load_images(
     return _load_torchvision(source, path, image_size, split, cache_dir)
 
 
-def training_images(source: str, path: str, image_size: int, max_images: int, seed: int) -> ImageSet:
+def training_images(
+    source: str, path: str, image_size: int, max_images: int, seed: int, *, eval_path: str = ""
+) -> ImageSet:
     """The images a simulation shares out to its clients, or the centralized baseline pools:
-    the ``train`` split, cut to a seeded ``max_images`` subset when that is not 0."""
-    return load_images(source, path, image_size, seed=seed).sample(max_images, seed)
+    the ``train`` split less the evaluation's held-out images, cut to a seeded ``max_images``
+    subset when that is not 0.
+
+    ``eval_path`` is the run's eval-path ('' = the server evaluates on this source). When the
+    evaluation's queries are a seeded split of these very images (:func:`carved_folder`), the
+    rows :func:`held_out_split` holds out for seed ``seed`` are removed: the server computes
+    the same rows from the same seed, so no query or probe-test image is trained on. An
+    unlabelled folder has no such split (the evaluation refuses it), so it is kept whole.
+    """
+    images = load_images(source, path, image_size, seed=seed)
+    if carved_folder(source, path, eval_path) is not None and images.labels is not None:
+        kept_rows, held_rows = held_out_split(images.labels.numpy(), seed)
+        logger.info("%d of the %d images in %s are held out for evaluation, never trained on",
+                    len(held_rows), len(images), path)
+        images = dataclasses.replace(images.subset(kept_rows), skipped=images.skipped)
+    return images.sample(max_images, seed)
+
+
+def held_out_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows) of a labelled folder carved for evaluation: seeded and
+    stratified, ``EVAL_TEST_FRACTION`` of every class (of 2 or more images) held out.
+    A function of the labels and the seed alone, so clients and server agree without talking."""
+    return _stratified_split(labels, EVAL_TEST_FRACTION, seed)
+
+
+def evaluation_source(source: str, path: str, eval_path: str) -> tuple[str, str]:
+    """(source, path) of the labelled images the server evaluates on: ``eval_path``'s folder,
+    else the training source itself. Raises ConfigError when the two folders overlap in a way
+    that :func:`training_images` cannot keep the queries out of training."""
+    carved_folder(source, path, eval_path)
+    return ("imagefolder", eval_path) if eval_path else (source, path)
+
+
+def carved_folder(source: str, path: str, eval_path: str) -> Path | None:
+    """The training folder when the evaluation's queries are a seeded split of it (a folder
+    without ``train/`` and ``test/`` that is also the evaluation folder), else None.
+
+    Raises ConfigError when the query folder and the training folder are the same folder
+    without a carved split (training on a ``test/``), or one lies inside the other: the
+    training images would then include queries that no seeded split can name. Folders
+    missing on this machine are not compared (a deployed server need not hold the sites'
+    data-path; the loaders report a missing folder where they load it).
+    """
+    if source != "imagefolder" or not path:
+        return None
+    data_root, eval_root = Path(path).expanduser(), Path(eval_path or path).expanduser()
+    if not data_root.is_dir() or not eval_root.is_dir():
+        return None
+    training = data_root / "train" if _has_split_layout(data_root) else data_root
+    carved = not _has_split_layout(eval_root)
+    queries = eval_root if carved else eval_root / "test"
+    trained, queried = Path(os.path.realpath(training)), Path(os.path.realpath(queries))
+    if carved and trained == queried:
+        return training
+    if trained == queried or trained.is_relative_to(queried) or queried.is_relative_to(trained):
+        raise ConfigError(
+            f"data-path {path!r} and eval-path {eval_path!r} overlap: the training folder {str(trained)!r} "
+            f"and the evaluation's query folder {str(queried)!r} share images; use the same folder for "
+            f"both (its held-out {EVAL_TEST_FRACTION:.0%} is then left out of training), a folder with "
+            "train/ and test/ subfolders as eval-path, or folders that do not contain one another"
+        )
+    return None
 
 
 def load_eval_split(
@@ -139,7 +212,9 @@ def load_eval_split(
     """(kNN bank / probe train, query / probe test), both labelled, same ``classes``.
 
     ``imagefolder``: ``path/train`` and ``path/test`` when both exist, else a seeded,
-    stratified split (``EVAL_TEST_FRACTION`` held out) of a folder with class subfolders.
+    stratified split (:func:`held_out_split`, ``EVAL_TEST_FRACTION`` held out) of a folder
+    with class subfolders. The query side is never trained on (:func:`training_images` leaves
+    a carved one out); the bank may be training images, as in standard SSL evaluation.
     """
     _check_common(source, image_size, "train")
     if source != "imagefolder":
@@ -157,7 +232,7 @@ def load_eval_split(
 
     full = _load_folder(root, image_size, cache_dir)
     _require_labels(full, root)
-    train_idx, test_idx = _stratified_split(full.labels.numpy(), EVAL_TEST_FRACTION, seed)
+    train_idx, test_idx = held_out_split(full.labels.numpy(), seed)
     if len(test_idx) == 0:
         raise DataError(
             f"image folder {str(root)!r} is too small for a held-out split "

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.datasets import training_images
+from common.datasets import ImageSet, training_images
 from common.device import select_device, set_threads
 from common.logs import get_logger
 from common.methods import build_method
@@ -26,12 +26,19 @@ def pooled_epochs(cfg: RunConfig) -> int:
     return max(round(cfg.num_rounds * cfg.local_epochs * cfg.fraction_train), 1)
 
 
+def pooled_images(cfg: RunConfig) -> ImageSet:
+    """All the images the federated run's clients share among them: the training images less
+    the server's held-out evaluation images (common.datasets.training_images)."""
+    return training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed,
+                           eval_path=cfg.eval_path)
+
+
 def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     set_threads(cfg.threads)
     device = select_device(cfg.device)
     out = RunDir(cfg.out_dir or default_out_dir(), cfg=cfg)
-    data = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed)
+    data = pooled_images(cfg)
     method = build_method(cfg)
     method.init_local()
     evaluator = GlobalEvaluator(cfg, device)

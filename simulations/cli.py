@@ -89,7 +89,8 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
         from server.app import resume_point
         resume_point(cfg, Path(cfg.out_dir).expanduser())
     build_strategy(cfg)
-    images = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed)
+    images = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed,
+                             eval_path=cfg.eval_path)
     if num_clients is not None:
         if num_clients < cfg.min_train_clients:
             raise ConfigError(f"num-clients={num_clients} is invalid: must be >= "
