@@ -25,7 +25,8 @@ from common.training import augmenter, step_settings, steps_per_epoch, train_epo
 log = logging.getLogger("fedssl")
 LOCAL_STATE_KEY = "fedssl-local"
 # For the strategy's client-side rule (common/global_updates): this node's shared arrays after
-# its last round, and the rule's own numbers (FedEMA's lambda).
+# its last round with that round's number and divergence, and the rule's own numbers
+# (FedEMA's lambda).
 PREVIOUS_KEY = "fedssl-previous-shared"
 MEMO_KEY = "fedssl-update-memo"
 
@@ -85,17 +86,17 @@ def restore_local_state(method, store: Store, server_round: int) -> bool:
 
 
 def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context,
-                 store: Store) -> tuple[Rule, dict[str, float]]:
+                 store: Store, server_round: int) -> tuple[Rule, dict[str, float], dict | None]:
     """Load the global shared arrays as the run's strategy says: most replace the local ones,
-    FedU and FedEMA keep some of this node's own. Returns the rule and the numbers it decided
-    by this round."""
+    FedU and FedEMA keep some of this node's own. Returns the rule, the numbers it decided
+    by this round, and what it needs of the arrays training starts from (for `Rule.to_keep`)."""
     rule = rule_for(cfg.strategy)
-    previous = store.get(PREVIOUS_KEY) if rule.keeps_previous else None
+    kept = store.get(PREVIOUS_KEY) if rule.keeps_previous else None
     memo = dict(context.state.get(MEMO_KEY, {}))
-    decided_by = rule.apply(cfg, method, from_record(arrays), previous, memo)
+    decided_by = rule.apply(cfg, method, from_record(arrays), kept, memo, server_round)
     if memo:
         context.state[MEMO_KEY] = ConfigRecord(memo)
-    return rule, decided_by
+    return rule, decided_by, rule.starting_point(method.shared_state())
 
 
 def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
@@ -110,7 +111,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
 
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
     store = state_store(context, cfg.client_state_dir)
-    rule, decided_by = enter_global(cfg, method, global_arrays, context, store)
+    rule, decided_by, started_from = enter_global(cfg, method, global_arrays, context, store, server_round)
     rebuilt = restore_local_state(method, store, server_round)
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
@@ -128,7 +129,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     if local_state:
         store.put(LOCAL_STATE_KEY, local_state)
     if rule.keeps_previous:
-        store.put(PREVIOUS_KEY, method.shared_state())
+        store.put(PREVIOUS_KEY, rule.to_keep(started_from, method.shared_state(), server_round))
     metrics = MetricRecord({
         "num-examples": len(data),
         "train-loss": result.loss,

@@ -13,7 +13,7 @@ from torch import nn
 
 from client.app import MEMO_KEY, PREVIOUS_KEY, app as client_app
 from common.config import ConfigError, RunConfig
-from common.global_updates import fedema, fedu, rule_for
+from common.global_updates import Previous, fedema, fedu, rule_for
 from common.global_updates.divergence import encoder_divergence
 from common.methods import build_method
 from common.methods.base import SSLMethod
@@ -61,40 +61,21 @@ def test_divergence_is_the_mean_l2_distance_over_encoder_kernels_only():
     assert encoder_divergence(local, incoming) == pytest.approx(3.0)
 
 
-# --- FedEMA ---------------------------------------------------------------------------------
-
-def test_fedema_first_round_with_a_previous_model_sets_lambda_so_mu_is_tau():
-    cfg = RunConfig(strategy="fedema", fedema_tau=0.7)
-    method, memo = Tiny(), {}
-    previous = filled(0.0, counter=2)
-    incoming = filled(1.0, counter=5, k0=[[3.0, 4.0], [0.0, 0.0]], k2=[[1.0, 0.0], [0.0, 0.0]])  # d = 3
-    decided_by = fedema.update(cfg, method, incoming, previous, memo)
-    assert memo[fedema.LAMBDA] == pytest.approx(0.7 / 3)
-    assert decided_by == pytest.approx({"divergence": 3.0, "mu": 0.7})
-    got = method.shared_state()
-    # local <- mu * local + (1 - mu) * global with mu = 0.7, on every float entry
-    assert torch.allclose(got["encoder.0.weight"], 0.3 * torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
-    for key in ("encoder.0.bias", "encoder.1.running_var", "projector.weight", "predictor.bias"):
-        assert torch.allclose(got[key], torch.full_like(got[key], 0.3)), key
-    assert got["encoder.1.num_batches_tracked"].item() == 5  # counters take the global
-
+# --- FedEMA (its branches by round: tests/test_client_rules.py) ----------------------------
 
 def test_fedema_later_rounds_keep_lambda_and_cap_mu_at_one():
     cfg = RunConfig(strategy="fedema", fedema_tau=0.7)
     lam = 0.7 / 3
     memo = {fedema.LAMBDA: lam}
     method = Tiny()
-    previous = filled(0.0)
-    # d = 1.5: mu = lambda * d = 0.35
-    fedema.update(cfg, method, filled(1.0, k0=[[1.5, 0.0], [0.0, 0.0]], k2=[[0.0, 1.5], [0.0, 0.0]]),
-                  previous, memo)
-    assert memo == {fedema.LAMBDA: lam}
+    shared = filled(0.0)
+    # last training's d = 1.5: mu = lambda * d = 0.35
+    decided_by = fedema.update(cfg, method, filled(1.0), Previous(shared, 4, 1.5), memo, 5)
+    assert memo == {fedema.LAMBDA: lam} and decided_by["mu"] == pytest.approx(0.35)
     assert torch.allclose(method.shared_state()["predictor.weight"], torch.full((2, 2), 0.65))
-    # d = 6: lambda * d = 1.4, capped: the client keeps its own model
-    fedema.update(cfg, method, filled(1.0, k0=[[6.0, 8.0], [0.0, 0.0]], k2=[[2.0, 0.0], [0.0, 0.0]]),
-                  previous, memo)
-    assert all(torch.equal(v, previous[k]) for k, v in method.shared_state().items()
-               if v.is_floating_point())
+    # d = 6: lambda * d = 1.4, capped: the client keeps its own weights
+    fedema.update(cfg, method, filled(1.0), Previous(shared, 5, 6.0), memo, 6)
+    assert all(torch.equal(v, shared[k]) for k, v in method.named_parameters() if k in shared)
     assert fedema.decay(3.0, lam) == pytest.approx(0.7) and fedema.decay(6.0, lam) == 1.0
 
 
@@ -102,26 +83,27 @@ def test_fedema_takes_the_global_model_without_a_previous_one_or_any_divergence(
     cfg = RunConfig(strategy="fedema")
     method, memo = Tiny(), {}
     incoming = filled(1.0, k0=[[3.0, 4.0], [0.0, 0.0]])
-    assert fedema.update(cfg, method, incoming, None, memo) == {}
+    assert fedema.update(cfg, method, incoming, None, memo, 1) == {
+        "ema": 0.0, "divergence": 0.0, "mu": 0.0, "previous-round": 0.0}
     assert memo == {} and all(torch.equal(method.shared_state()[k], v) for k, v in incoming.items())
-    # identical encoders: no lambda can be scaled from d = 0; the global model is taken
-    fedema.update(cfg, method, incoming, filled(0.0, k0=[[3.0, 4.0], [0.0, 0.0]], k2=[[1.0, 1.0], [1.0, 1.0]]), memo)
+    # a training that did not move the encoder: no lambda can be scaled from d = 0, mu = 0
+    fedema.update(cfg, method, incoming, Previous(filled(0.0), 1, 0.0), memo, 2)
     assert memo == {} and torch.equal(method.shared_state()["predictor.weight"], incoming["predictor.weight"])
 
 
-# --- FedU -----------------------------------------------------------------------------------
+# --- FedU (the divergence it decides by: tests/test_client_rules.py) ------------------------
 
 @pytest.mark.parametrize("distance, predictor_from", [(0.3, "global"), (0.5, "local")])
 def test_fedu_replaces_the_predictor_only_below_the_threshold(distance, predictor_from):
     cfg = RunConfig(strategy="fedu", fedu_threshold=0.4)
     method = Tiny()
-    previous = filled(0.0)
-    incoming = filled(1.0, k0=[[distance, 0.0], [0.0, 0.0]], k2=[[0.0, distance], [0.0, 0.0]])
-    decided_by = fedu.update(cfg, method, incoming, previous, {})
-    assert decided_by == pytest.approx({"divergence": distance,
+    previous = Previous(filled(0.0), 1, distance)
+    incoming = filled(1.0)
+    decided_by = fedu.update(cfg, method, incoming, previous, {}, 2)
+    assert decided_by == pytest.approx({"divergence": distance, "previous-round": 1.0,
                                         "global-predictor": float(predictor_from == "global")})
     got = method.shared_state()
-    expected = incoming if predictor_from == "global" else previous
+    expected = incoming if predictor_from == "global" else previous.shared
     assert all(torch.equal(got[k], expected[k]) for k in got if k.startswith("predictor."))
     # the encoder and the projector always take the global model
     assert all(torch.equal(got[k], incoming[k]) for k in got if not k.startswith("predictor."))
@@ -130,7 +112,8 @@ def test_fedu_replaces_the_predictor_only_below_the_threshold(distance, predicto
 
 def test_fedu_first_round_takes_the_whole_global_model():
     method, incoming = Tiny(), filled(1.0)
-    assert fedu.update(RunConfig(strategy="fedu"), method, incoming, None, {}) == {}
+    assert fedu.update(RunConfig(strategy="fedu"), method, incoming, None, {}, 1) == {
+        "divergence": 0.0, "global-predictor": 1.0, "previous-round": 0.0}
     assert all(torch.equal(method.shared_state()[k], v) for k, v in incoming.items())
 
 
@@ -139,7 +122,7 @@ def test_fedu_refuses_a_method_without_a_predictor_on_client_and_server(monkeypa
     cfg = RunConfig(strategy="fedu", method="simsiam")
     with pytest.raises(ConfigError, match="strategy='fedu' is invalid with method='simsiam': FedU keeps "
                                           "or replaces the predictor, and simsiam shares none"):
-        fedu.update(cfg, headless, headless.shared_state(), None, {})
+        fedu.update(cfg, headless, headless.shared_state(), None, {}, 1)
     import server.strategies.fedu as server_fedu
     monkeypatch.setattr(server_fedu, "build_method", lambda cfg: headless)
     with pytest.raises(ConfigError, match="strategy='fedu' is invalid"):
@@ -149,10 +132,14 @@ def test_fedu_refuses_a_method_without_a_predictor_on_client_and_server(monkeypa
 def test_rules_by_strategy_name_and_a_previous_model_that_no_longer_fits():
     assert rule_for("fedavg").keeps_previous is False and rule_for("ldawa").keeps_previous is False
     assert rule_for("fedu").keeps_previous and rule_for("fedema").keeps_previous
-    method, incoming, memo = Tiny(), filled(1.0), {}
+    assert rule_for("fedavg").starting_point(filled(0.0)) is None
+    rule, method, incoming, memo = rule_for("fedema"), Tiny(), filled(1.0), {}
     other = {k: v for k, v in filled(0.0).items() if not k.startswith("predictor.")}
-    rule_for("fedema").apply(RunConfig(strategy="fedema"), method, incoming, other, memo)
-    assert memo == {} and all(torch.equal(method.shared_state()[k], v) for k, v in incoming.items())
+    without_round = filled(0.0)  # kept without the round it is from: not judged by
+    for kept in (rule.to_keep(rule.starting_point(other), other, 1), without_round):
+        decided_by = rule.apply(RunConfig(strategy="fedema"), method, incoming, kept, memo, 2)
+        assert memo == {} and decided_by["previous-round"] == 0.0
+        assert all(torch.equal(method.shared_state()[k], v) for k, v in incoming.items())
 
 
 # --- L-DAWA ---------------------------------------------------------------------------------
@@ -265,14 +252,17 @@ def test_two_rounds_move_the_global_model_and_keep_each_rules_state(small_image_
     grid = InProcessGrid(client_app, num_nodes=2)
     run_federation(grid, cfg)
     assert [(r["round"], r["clients_ok"]) for r in rows(tmp_path / "run")] == [(0, 0), (1, 2), (2, 2)]
-    # the client-side rules' numbers, per client, from the round a client has a previous model
+    # the client-side rules' numbers, per client, every round a client trains
     recorded = [r.get("client_rules") for r in rows(tmp_path / "run")]
-    names = {"fedu": {"divergence", "global-predictor"}, "fedema": {"divergence", "mu"}}.get(strategy)
+    names = {"fedu": {"divergence", "global-predictor", "previous-round"},
+             "fedema": {"ema", "divergence", "mu", "previous-round"}}.get(strategy)
     if names is None:
         assert recorded == [None, None, None]
     else:
-        assert recorded[:2] == [None, None] and len(recorded[2]) == 2
-        assert all(set(numbers) == names and numbers["divergence"] > 0 for numbers in recorded[2].values())
+        assert recorded[0] is None and len(recorded[1]) == len(recorded[2]) == 2
+        assert all(set(numbers) == names for numbers in [*recorded[1].values(), *recorded[2].values()])
+        assert all(numbers["divergence"] > 0 and numbers["previous-round"] == 1
+                   for numbers in recorded[2].values())
 
     state = load_run_state(tmp_path / "run" / "checkpoint.safetensors")
     initial = build_method(cfg).shared_state()

@@ -1,14 +1,16 @@
 """How the global model enters a client's local one: the client-side half of an aggregation
 rule, looked up by the run config's `strategy`. Most rules replace the local shared networks
-with the global ones; FedU and FedEMA keep some of the client's own, judged against the
-shared arrays the client held after the last round it trained (`previous`).
+with the global ones; FedU and FedEMA keep some of the client's own, judged by what the
+client kept from the last round it trained (`Previous`).
 
-A rule's `update(cfg, method, incoming, previous, memo)` loads into `method` what it trains
-from, given the global shared arrays `incoming`, the client's `previous` shared arrays (None
-before its first round) and `memo`, floats the rule keeps on the client across rounds
-(FedEMA's lambda). It returns the numbers it decided by (divergence, FedEMA's mu, FedU's
-choice), which the client reports and the server records per client. No Flower here: the
-ClientApp keeps `previous` and `memo` in context.state.
+A rule's `update(cfg, method, incoming, previous, memo, server_round)` loads into `method`
+what it trains from in `server_round`, given the global shared arrays `incoming`, the
+client's `previous` round (None before its first) and `memo`, floats the rule keeps on the
+client across rounds (FedEMA's lambda). It returns the numbers it decided by (divergence,
+FedEMA's branch and mu, FedU's choice), the same names in every round, since the server
+refuses a reply whose metric keys differ from the others'; the client reports them and the
+server records them per client. No Flower here: the ClientApp keeps what `to_keep` returns
+in its state store and `memo` in context.state.
 """
 from __future__ import annotations
 
@@ -19,14 +21,29 @@ from typing import Callable, Mapping
 import torch
 
 from common.global_updates import fedema, fedu
+from common.global_updates.divergence import encoder_divergence, encoder_kernels
 
 log = logging.getLogger("fedssl")
 State = Mapping[str, torch.Tensor]
 # A client reports its rule's numbers as metrics under this prefix (server/rounds.py).
 METRIC_PREFIX = "rule-"
+# Kept beside the shared arrays, in the same record, so the two cannot come from different
+# rounds. Model entries are module paths: they never hold a colon.
+TRAINED_IN = "fedssl:trained-in"
+DIVERGENCE = "fedssl:divergence"
 
 
-def take_global(cfg, method, incoming: State, previous: State | None, memo: dict) -> dict:
+@dataclass(frozen=True)
+class Previous:
+    """What a client kept from the last round it trained."""
+
+    shared: State  # its shared arrays after that round's training
+    trained_in: int  # the server round that was
+    divergence: float  # how far that training moved its encoder (divergence.py)
+
+
+def take_global(cfg, method, incoming: State, previous: Previous | None, memo: dict,
+                server_round: int) -> dict:
     method.load_partial(dict(incoming))
     return {}
 
@@ -38,13 +55,28 @@ class Rule:
     # rules that never look at them spare every node a copy of the model.
     keeps_previous: bool = False
 
-    def apply(self, cfg, method, incoming: State, previous: State | None, memo: dict) -> dict[str, float]:
-        if previous is not None and not _fits(previous, incoming):
-            # Kept by another method or model on this node: nothing to compare with.
+    def apply(self, cfg, method, incoming: State, kept: State | None, memo: dict,
+              server_round: int) -> dict[str, float]:
+        """`kept`: what this node's store holds from `to_keep`, or None."""
+        previous = _recall(kept) if kept is not None else None
+        if kept is not None and (previous is None or not _fits(previous.shared, incoming)):
+            # Kept by another method, model or version on this node: nothing to compare with.
             log.warning("%s: this node's previous shared arrays do not fit the global model; "
                         "taking the global model", cfg.strategy)
             previous = None
-        return self.update(cfg, method, incoming, previous, memo)
+        return self.update(cfg, method, incoming, previous, memo, server_round)
+
+    def starting_point(self, shared: State) -> dict[str, torch.Tensor] | None:
+        """A copy of what the divergence reads, taken before local training (the live
+        arrays change in place as it trains); None for a rule that keeps nothing."""
+        return {k: v.clone() for k, v in encoder_kernels(shared).items()} if self.keeps_previous else None
+
+    def to_keep(self, started_from: State, trained: State, server_round: int) -> dict[str, torch.Tensor]:
+        """What the client keeps after training in `server_round` from `started_from` (see
+        `starting_point`) to `trained`, for `apply` in its next round."""
+        return {**trained,
+                TRAINED_IN: torch.tensor(server_round, dtype=torch.int64),
+                DIVERGENCE: torch.tensor(encoder_divergence(started_from, trained), dtype=torch.float64)}
 
 
 RULES: dict[str, Rule] = {
@@ -55,6 +87,13 @@ RULES: dict[str, Rule] = {
 
 def rule_for(strategy: str) -> Rule:
     return RULES.get(strategy, Rule())
+
+
+def _recall(kept: State) -> Previous | None:
+    if TRAINED_IN not in kept or DIVERGENCE not in kept:
+        return None  # kept without its round and divergence: nothing to judge by
+    shared = {k: v for k, v in kept.items() if k not in (TRAINED_IN, DIVERGENCE)}
+    return Previous(shared, int(kept[TRAINED_IN]), float(kept[DIVERGENCE]))
 
 
 def _fits(previous: State, incoming: State) -> bool:

@@ -1,20 +1,43 @@
-"""FedEMA (Zhuang et al., ICLR 2022): a client moves its online networks (everything it
-shares: encoder, projector, predictor) towards the global ones by an EMA whose weight on the
-local model grows with the divergence d (divergence.py) between them:
+"""FedEMA (Zhuang et al., ICLR 2022) as its authors run it with client sampling: the
+`selective_ema` mode of EasyFL's applications/fedssl/client.py (`FedSSLClient.update_model`).
+
+A client that trained in the previous server round (r - 1) moves its online networks (all it
+shares: encoder, projector, predictor) towards the global ones by an EMA whose weight on its
+own model grows with the divergence d of its last training (divergence.py):
 
     local <- mu * local + (1 - mu) * global,   mu = min(lambda * d, 1)
 
-lambda is set once per client, at its first round with a previous local model, to
-fedema-tau / d, so mu = tau then; the client keeps it (in `memo`) for later rounds. A client's
-first round, and a divergence of 0 before lambda is set, take the global model. Integer
-entries (BatchNorm step counters) are not weights and take the global value.
+Any other client takes the global model: in its first round, and when its own model is from
+an older round, since pulling back toward a model several rounds old undoes the global
+progress made meanwhile (there: the EMA branch only when `previous_trained_round + 1` is
+the current round).
+
+As in the authors' code:
+- d is how far the client's last training moved its encoder from where that round started
+  (`_calculate_divergence(old_model, new_model)` in `FedSSLClient.train`), not the distance
+  between its model and the incoming global one;
+- lambda is set once, to fedema-tau / d, from the divergence of the client's first training
+  (`_calculate_weight_scaler`, which `train` calls under random selection), so mu = tau when
+  that is the d applied; the client keeps it in `memo`; a d of 0 sets none (mu = 0);
+- the EMA runs over parameters (`model.update_moving_average` walks `.parameters()`), with
+  the predictor at the same mu (`ema_predictor`'s two branches give the same weights);
+  BatchNorm statistics and counters are not weights and take the global values. (The
+  authors' predictor keeps the client's own statistics when mu > 0.5, a side effect of
+  which of the two modules their EMA writes into; here the predictor's are global too.)
+
+Not followed here: in its global branch the authors' client also resets BYOL's target to the
+global online encoder; this client keeps its own target (client/app.py restores local state
+after this rule), as it does in every other rule.
+
+Reported, the same names every round: `ema` (1 for the EMA, 0 for the global model), the
+last training's `divergence`, `mu` (0 in the global branch, which is the EMA with mu = 0) and
+`previous-round`, the round the client's own model is from (0 if none).
 """
 from __future__ import annotations
 
 import logging
 
 from common.ema import ema_
-from common.global_updates.divergence import encoder_divergence
 
 log = logging.getLogger("fedssl")
 LAMBDA = "fedema-lambda"
@@ -24,17 +47,18 @@ def decay(divergence: float, lam: float) -> float:
     return min(lam * divergence, 1.0)
 
 
-def update(cfg, method, incoming, previous, memo) -> dict[str, float]:
-    if previous is None:
+def update(cfg, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
+    if previous is not None and LAMBDA not in memo and previous.divergence > 0:
+        memo[LAMBDA] = cfg.fedema_tau / previous.divergence
+    numbers = {"divergence": previous.divergence if previous else 0.0,
+               "previous-round": float(previous.trained_in if previous else 0)}
+    if previous is None or previous.trained_in != server_round - 1:
         method.load_partial(dict(incoming))
-        return {}
-    divergence = encoder_divergence(previous, incoming)
-    if LAMBDA not in memo and divergence > 0:
-        memo[LAMBDA] = cfg.fedema_tau / divergence
-    mu = decay(divergence, memo.get(LAMBDA, 0.0))
-    local = {k: v.clone() for k, v in previous.items() if v.is_floating_point()}
-    keys = list(local)
-    ema_([local[k] for k in keys], [incoming[k].to(local[k].dtype) for k in keys], mu)
+        return {"ema": 0.0, "mu": 0.0, **numbers}
+    mu = decay(previous.divergence, memo.get(LAMBDA, 0.0))
+    weights = [name for name, _ in method.named_parameters() if name in incoming]
+    local = {k: previous.shared[k].clone() for k in weights}
+    ema_([local[k] for k in weights], [incoming[k].to(local[k].dtype) for k in weights], mu)
     method.load_partial({**incoming, **local})
-    log.info("fedema: encoder divergence %.4f, mu %.4f", divergence, mu)
-    return {"divergence": divergence, "mu": mu}
+    log.info("fedema: last training's divergence %.4f, mu %.4f", previous.divergence, mu)
+    return {"ema": 1.0, "mu": mu, **numbers}

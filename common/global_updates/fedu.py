@@ -1,20 +1,26 @@
-"""FedU (Zhuang et al., ICCV 2021), divergence-aware predictor update: the encoder and the
-projector always take the global model; the predictor takes the global one only while the
-client's encoder is close to the global encoder (divergence < fedu-threshold). A client that
-has drifted further keeps its own predictor, which holds what it learnt of its own data.
+"""FedU (Zhuang et al., ICCV 2021), divergence-aware predictor update (DAPU): the encoder
+and the projector always take the global model; the predictor takes the global one only
+while the client's last training moved its encoder less than fedu-threshold (divergence.py).
+A client whose training moves it further keeps its own predictor, which holds what it learnt
+of its own data.
 
-The divergence (divergence.py) is measured as the global model arrives, between the encoder
-this client trained last round and the incoming global encoder, the same pair FedEMA compares
-(the authors' code instead measures how far the client moved during its last round, from the
-global model it started from). A client's first round has nothing to compare: it takes the
-whole global model.
+As in the authors' code (EasyFL, applications/fedssl/client.py): the divergence compares the
+encoder the client started its last round from (the global one, in FedU) with the encoder it
+trained to, measured after training (`FedSSLClient.train` -> `_calculate_divergence(old_model,
+new_model)`, turned into a choice by `_DAPU_predictor_usage`), and applied when the client
+next trains (`update_model`, `update_predictor == DAPU`), however many rounds later: unlike
+FedEMA's `selective_ema`, DAPU has no check of the round. A client's first round has nothing
+to go by: it takes the whole global model.
+
+Reported, the same names every round: `divergence` (0 before a first training),
+`global-predictor` (1 or 0) and `previous-round`, the round the client's own model is from
+(0 if none).
 """
 from __future__ import annotations
 
 import logging
 
 from common.config import ConfigError
-from common.global_updates.divergence import encoder_divergence
 
 log = logging.getLogger("fedssl")
 PREDICTOR = "predictor."
@@ -32,16 +38,16 @@ def keeps_local_predictor(divergence: float, threshold: float) -> bool:
     return divergence >= threshold
 
 
-def update(cfg, method, incoming, previous, memo) -> dict[str, float]:
+def update(cfg, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
     require_predictor(cfg.method, incoming)
     state = dict(incoming)
-    if previous is None:
-        method.load_partial(state)
-        return {}
-    divergence = encoder_divergence(previous, incoming)
-    keep = keeps_local_predictor(divergence, cfg.fedu_threshold)
+    keep = previous is not None and keeps_local_predictor(previous.divergence, cfg.fedu_threshold)
     if keep:
-        state.update({k: v for k, v in previous.items() if k.startswith(PREDICTOR)})
-    log.info("fedu: encoder divergence %.4f, %s predictor", divergence, "local" if keep else "global")
+        state.update({k: v for k, v in previous.shared.items() if k.startswith(PREDICTOR)})
+    if previous is not None:
+        log.info("fedu: last training's divergence %.4f, %s predictor", previous.divergence,
+                 "local" if keep else "global")
     method.load_partial(state)
-    return {"divergence": divergence, "global-predictor": float(not keep)}
+    return {"divergence": previous.divergence if previous else 0.0,
+            "global-predictor": float(not keep),
+            "previous-round": float(previous.trained_in if previous else 0)}
