@@ -54,13 +54,17 @@ def _train_seed(seed: int, server_round: int, context: Context) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
 
 
-def restore_local_state(method, store: Store, server_round: int) -> bool:
+def restore_local_state(method, store: Store, server_round: int, fresh: bool = False) -> bool:
     """Load this node's local state (BYOL's target); rebuild it from the just-loaded global
-    model when it is missing or does not fit (a restarted SuperNode, a resumed server, a
-    changed method). Returns whether state a client should have had was rebuilt."""
+    model when the rule asks for it (`fresh`), or when it is missing or does not fit (a
+    restarted SuperNode, a resumed server, a changed method). Returns whether state a client
+    should have had was rebuilt."""
     expected = method.local_state()
     if not expected:
         return False  # this method keeps nothing locally
+    if fresh:
+        method.init_local()
+        return False
     state = store.get(LOCAL_STATE_KEY)
     problem = "none kept" if state is None else None
     if problem is None:
@@ -112,7 +116,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
     store = state_store(context, cfg.client_state_dir)
     rule, decided_by, started_from = enter_global(cfg, method, global_arrays, context, store, server_round)
-    rebuilt = restore_local_state(method, store, server_round)
+    rebuilt = restore_local_state(method, store, server_round, fresh=rule.resets_local_state(decided_by))
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
     # round number, so a client that skips rounds stays on the global schedule.

@@ -163,3 +163,23 @@ def test_a_run_with_client_sampling_records_both_branches(small_image_folder, tm
             assert numbers["ema"] == float(trained_before), (row["round"], node)
             branches.add((numbers["ema"], numbers["previous-round"] > 0))
     assert branches == {(0.0, False), (0.0, True), (1.0, True)}  # first round, skipped, EMA
+
+
+def test_fedema_global_branch_rebuilds_byols_target_from_the_global_model(small_image_folder, tmp_path):
+    # The authors' client resets its target to the global online encoder when it takes the
+    # global model; after the EMA it keeps its own.
+    from client.app import LOCAL_STATE_KEY, restore_local_state
+
+    rule = rule_for("fedema")
+    assert rule.resets_local_state({"ema": 0.0}) and not rule.resets_local_state({"ema": 1.0})
+    assert not rule_for("fedavg").resets_local_state({})
+    method = build_method(fast_config(small_image_folder, tmp_path, strategy="fedema"))
+    own_target = {k: torch.randn_like(v) if v.is_floating_point() else v
+                  for k, v in method.local_state().items()}
+    store = {LOCAL_STATE_KEY: own_target}
+    for fresh in (False, True):
+        restore_local_state(method, store, server_round=3, fresh=fresh)
+        target = method.target_encoder.state_dict()
+        online = method.encoder.state_dict()
+        took_online = all(torch.equal(target[k], online[k]) for k in online)
+        assert took_online == fresh

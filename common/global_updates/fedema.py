@@ -25,9 +25,9 @@ As in the authors' code:
   authors' predictor keeps the client's own statistics when mu > 0.5, a side effect of
   which of the two modules their EMA writes into; here the predictor's are global too.)
 
-Not followed here: in its global branch the authors' client also resets BYOL's target to the
-global online encoder; this client keeps its own target (client/app.py restores local state
-after this rule), as it does in every other rule.
+In its global branch the client also rebuilds its local state (BYOL's target) from the
+global model, as the authors' client resets its target to the global online encoder there
+(`took_global`, read by client/app.py through the rule's `resets_local_state`).
 
 Reported, the same names every round: `ema` (1 for the EMA, 0 for the global model), the
 last training's `divergence`, `mu` (0 in the global branch, which is the EMA with mu = 0) and
@@ -45,6 +45,10 @@ LAMBDA = "fedema-lambda"
 
 def decay(divergence: float, lam: float) -> float:
     return min(lam * divergence, 1.0)
+
+
+def took_global(decided_by: dict[str, float]) -> bool:
+    return decided_by.get("ema") == 0.0
 
 
 def update(cfg, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
