@@ -15,7 +15,7 @@ from common.global_updates import METRIC_PREFIX
 from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
 from common.schedules import cosine
 from server.mean import WeightedMean
-from server.nodes import wait_for_nodes
+from server.nodes import RegisteredOrder, registration_order, wait_for_nodes
 from server.validation import as_numpy, screen, spec_of
 
 log = logging.getLogger("fedssl")
@@ -78,6 +78,7 @@ class SSLRounds:
         self._global: dict[str, np.ndarray] = {}
         self._sent: dict[int, list[int]] = {}
         self._bytes_sent: dict[int, int] = {}
+        self._rank: dict[int, int] = {}
         # The replies the latest round aggregated (DP counts them: server/dp.py).
         self.last_accepted: list[Message] = []
 
@@ -98,7 +99,8 @@ class SSLRounds:
             self._spec = spec_of(self._global)
             self._float_keys = [k for k, (_, dtype) in self._spec.items() if dtype.kind == "f"]
         round_config = scheduled_config(config, server_round, self.base_lr, self.num_rounds)
-        messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        self._rank = {node: rank for rank, node in enumerate(registration_order(grid))}
+        messages = list(super().configure_train(server_round, arrays, round_config, RegisteredOrder(grid)))
         # Narrowed only in the messages: Flower's strategy (FedAdam's current arrays) and the
         # global model this server keeps stay in the method's dtypes.
         sent = self._as_sent(arrays)
@@ -107,6 +109,10 @@ class SSLRounds:
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
         self._bytes_sent[server_round] = sent.count_bytes() * len(messages)
         return messages
+
+    def _registration_rank(self, reply: Message) -> tuple[int, int]:
+        node = reply.metadata.src_node_id
+        return self._rank.get(node, len(self._rank)), node
 
     def _as_sent(self, arrays: ArrayRecord) -> ArrayRecord:
         if self.transfer_dtype == TRANSFER_DTYPES["float32"]:
@@ -129,13 +135,16 @@ class SSLRounds:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
-        replies = list(replies)
+        # Summed in registration order, not arrival order: a floating-point sum depends on
+        # its order, and the same seed must give the same model however sites are scheduled.
+        replies = sorted(replies, key=self._registration_rank)
         # Counted as they travelled, before narrow arrays are widened.
         received = sum(record.count_bytes() for m in replies if m.has_content()
                        for record in m.content.array_records.values())
         replies = [self._widened(m) for m in replies]
         mean = WeightedMean() if self.streams_mean else None
-        verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio, mean)
+        verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio, mean,
+                         self.weighted_by_key)
         replied = {m.metadata.src_node_id for m in replies}
         for node in self._sent.pop(server_round, []):
             if node not in replied:
