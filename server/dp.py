@@ -1,36 +1,52 @@
 """Differential privacy for a run (dp = fixed | adaptive): Flower's client-side clipping
-wrappers around the run's aggregation rule. Each site clips its update to the clipping norm
-(client/privacy.py, Flower's fixedclipping_mod / adaptiveclipping_mod); the server averages
-the clipped updates and adds Gaussian noise of std z * C / k to the mean of k updates
-(z = dp-noise-multiplier, C = the round's clipping norm). Adaptive clipping moves C toward
-the dp-target-quantile of the update norms from the sites' noisy clipped/not-clipped bits
-(Andrew et al., 2021).
+wrappers around the run's aggregation rule (docs/privacy.md states the guarantee). Each site
+clips its update to the clipping norm C (client/privacy.py, Flower's fixedclipping_mod /
+adaptiveclipping_mod); the server releases
+
+    global + (sum of the accepted clipped updates) / m + N(0, (z C / m)^2)
+
+per float weight, m = the number of sites sampled this round (z = dp-noise-multiplier, under
+adaptive the share of it the noisy count leaves; C = the round's clipping norm). Adaptive
+clipping moves C toward the dp-target-quantile of the update norms from the sites' noisy
+clipped/not-clipped bits (Andrew et al., 2021).
 
 What changes from Flower's wrappers, and why:
 - Replies are screened by the rule first (server/rounds.py) and the wrapper sees only the
   accepted ones: Flower's aggregate_train skips the whole round on one error reply and
   raises on a reply without a norm bit, which one broken site could then cause every round.
-- The noise is calibrated to the number of updates actually averaged: a site's influence on
-  a mean of k updates is C / k, and k can be below the number sampled.
-- Sites count equally (each site's clipped update has weight 1 / k): weighting by examples
-  would let one large site move the mean by more than C / k, which the noise does not cover.
-- Integer step counters (BatchNorm's num_batches_tracked) are averaged but get no float
-  noise; they are not clipped either (client/privacy.py says why).
+- A fixed denominator (McMahan et al., 2018): the sum is divided by the m sites sampled,
+  whoever replied; a site that failed or was rejected adds a zero update. Dividing by the k
+  that replied would make the release depend on who replied, which the add/remove-one-site
+  sensitivity C / m does not cover.
+- Sites count equally (the rule weighs each reply by UNIT_WEIGHT): weighting by examples
+  would let one large site move the mean by more than C / m, which the noise does not cover.
+- BatchNorm statistics are not released: the sites send back the ones they received
+  (client/privacy.py) and the global ones are kept as sent, neither averaged nor noised; the
+  server estimates statistics for evaluation from its own images (batchnorm_statistics_from).
+- Nothing else of the sites is released: the rule's aggregated metrics and the per-site
+  numbers in its round statistics are withheld (WITHHELD_STATS).
 - Adaptive clipping adds the noise with the norm the sites clipped to this round, then
-  updates the norm for the next round (Flower's wrapper updates it first).
+  updates it (Flower's wrapper updates it first), from the bits centred and over m, as in
+  Andrew et al. (sensitivity 1/2, which Flower's split of the noise assumes), and in the
+  paper's direction: C grows when more than 1 - dp-target-quantile of the sites are clipped
+  (Flower 1.42 shrinks it then, and C runs away to 0).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+import torch
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
                                      DifferentialPrivacyClientSideFixedClipping)
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
+from common.augment import normalize
 from common.config import ConfigError
-from server.accounting import METHOD, gaussian_epsilon
+from common.methods import build_method
+from server.accounting import epsilon_spent
 from server.validation import refuse_per_update_settings
 
 # Rules whose server side is FedAvg's mean: the noise then lands on the mean of the clipped
@@ -39,6 +55,12 @@ from server.validation import refuse_per_update_settings
 DP_RULES = ("fedavg", "fedu", "fedema")
 UNIT_WEIGHT = "dp-unit-weight"
 STATE_KEY = "dp"
+# A rule's round statistics that come from the sites' own metrics (their mean train loss and
+# images/s, FedU/FedEMA's per-site numbers, image counts, training time): not released.
+WITHHELD_STATS = ("train_metrics", "client_rules", "skipped_images", "client_train_seconds")
+ADJACENCY = ("add or remove one site (all its images); a removed, failed or rejected site "
+             "adds a zero update to the sum")
+SENSITIVITY = "C on the sum of clipped updates, C / m on the released mean (m = sites sampled)"
 
 
 def check(cfg) -> None:
@@ -55,14 +77,18 @@ def check(cfg) -> None:
         dtype_reason="rounding a clipped update to a narrower float could raise its norm above dp-clip-norm")
 
 
-def _is_counter(dtype: str) -> bool:
-    return dtype.startswith(("int", "uint"))
-
-
 def _with_unit_weight(reply: Message) -> Message:
     if not reply.has_error() and len(reply.content.metric_records) == 1:
         next(iter(reply.content.metric_records.values()))[UNIT_WEIGHT] = 1
     return reply
+
+
+def shared_statistics(cfg) -> frozenset[str]:
+    """The shared entries that are buffers, not parameters: BatchNorm's running statistics
+    and step counters, computed from a site's images rather than learned."""
+    method = build_method(cfg)
+    shared = method.shared_state()
+    return frozenset(name for name, _ in method.named_buffers() if name in shared)
 
 
 class PrivateRounds:
@@ -75,13 +101,16 @@ class PrivateRounds:
         self.delta = cfg.dp_delta
         self.sampling_rate = cfg.fraction_train
         self.releases = 0
-        self._counter_keys: set[str] | None = None
+        self.statistics = shared_statistics(cfg)
+        self._sent: ArrayRecord | None = None
+        self._sampled = 0
         self.strategy.weighted_by_key = UNIT_WEIGHT
 
     # --- the rule's interface -------------------------------------------------------------
     @property
     def round_stats(self) -> dict:
-        return self.strategy.round_stats
+        return {server_round: {k: v for k, v in stats.items() if k not in WITHHELD_STATS}
+                for server_round, stats in self.strategy.round_stats.items()}
 
     def resume_after(self, completed_round: int) -> None:
         self.strategy.resume_after(completed_round)
@@ -101,42 +130,59 @@ class PrivateRounds:
         self.strategy.load_server_state(state)
 
     def privacy_report(self) -> dict:
-        epsilon = gaussian_epsilon(self.target_noise_multiplier, self.releases, self.delta)
+        spent = epsilon_spent(self.target_noise_multiplier, self.releases, self.delta)
         return {"dp": self.mode, "secure_aggregation": False,
                 "noise_multiplier": self.target_noise_multiplier,
                 "clip_norm": self.clipping_norm, "releases": self.releases,
                 "sampling_rate": self.sampling_rate, "delta": self.delta,
-                "epsilon": epsilon if math.isfinite(epsilon) else None,
-                "accountant": METHOD, "unit": "one site (all its images)",
-                "weights": "equal: each accepted site's clipped update counts once"}
+                **{k: v if math.isfinite(v) else None for k, v in spent.items() if k != "accountant"},
+                "accountant": spent["accountant"],
+                "unit": "one site (all its images)", "adjacency": ADJACENCY, "sensitivity": SENSITIVITY,
+                "weights": "equal: each accepted site's clipped update counts once, over the sites sampled",
+                "released": "the noised model only: no site metrics, no BatchNorm statistics (docs/privacy.md)"}
 
     # --- a round --------------------------------------------------------------------------
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid):
-        # Learned from the first model sent, which holds the method's own dtypes (FedAvg
-        # returns integer buffers as float64 afterwards).
-        if self._counter_keys is None:
-            self._counter_keys = {k for k, v in arrays.items() if _is_counter(v.dtype)}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # The fixed denominator, known before any site answers.
+        self._sent, self._sampled = arrays, len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        arrays, metrics = self.strategy.aggregate_train(
+        arrays, _ = self.strategy.aggregate_train(
             server_round, [_with_unit_weight(r) for r in replies])
         accepted = self.strategy.last_accepted
         if arrays is None or not accepted:
             return None, None
-        self.num_sampled_clients = len(accepted)
+        self.num_sampled_clients = self._sampled
+        arrays = self._over_sampled(arrays, len(accepted))
         arrays = self._add_noise_to_aggregated_arrays(arrays)
         self.releases += 1
         self.after_release(accepted)
-        return arrays, metrics
+        return arrays, None  # the sites' aggregated metrics are withheld
 
     def after_release(self, accepted: list[Message]) -> None:
         """What a clipping mode learns from the round's accepted replies."""
 
+    def _over_sampled(self, mean: ArrayRecord, accepted: int) -> ArrayRecord:
+        """The rule's equal-weight mean of `accepted` models as global + (sum of updates) / m,
+        and the global statistics as they were sent."""
+        out = {}
+        for key, value in mean.items():
+            sent = self._sent[key]
+            if key in self.statistics:
+                out[key] = sent
+            elif accepted == self._sampled:
+                out[key] = value
+            else:
+                glob, avg = sent.numpy(), value.numpy()
+                scaled = glob + (avg.astype(np.float64) - glob) * (accepted / self._sampled)
+                out[key] = Array(np.asarray(scaled.astype(avg.dtype)))
+        return ArrayRecord(out)
+
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        counters = self._counter_keys or set()
-        floats = ArrayRecord({k: v for k, v in aggregated.items() if k not in counters})
-        noisy = super()._add_noise_to_aggregated_arrays(floats)
+        weights = ArrayRecord({k: v for k, v in aggregated.items() if k not in self.statistics})
+        noisy = super()._add_noise_to_aggregated_arrays(weights)
         return ArrayRecord({k: noisy[k] if k in noisy else v for k, v in aggregated.items()})
 
 
@@ -165,7 +211,12 @@ class AdaptiveClippingSSL(PrivateRounds, DifferentialPrivacyClientSideAdaptiveCl
                 "dp-clipped-count-stddev (the count noise spends part of the privacy budget)") from None
 
     def after_release(self, accepted: list[Message]) -> None:
-        self._update_clip_norm_from_replies(accepted)
+        # Andrew et al.'s estimate of the fraction of updates that fit under C: each bit
+        # centred (+-1/2; a site that did not reply adds 0), noised, over the m sampled.
+        centred = sum(0.5 - int(bool(metrics[KEY_NORM_BIT])) for reply in accepted
+                      for metrics in reply.content.metric_records.values() if KEY_NORM_BIT in metrics)
+        unclipped = (centred + np.random.normal(0.0, self.clipped_count_stddev)) / self._sampled + 0.5
+        self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
 
 WRAPPERS = {"fixed": FixedClippingSSL, "adaptive": AdaptiveClippingSSL}
@@ -178,3 +229,32 @@ def private(cfg, rule):
     strategy = WRAPPERS[cfg.dp].wrap(cfg, rule)
     strategy.setup_privacy(cfg)
     return strategy
+
+
+@torch.no_grad()
+def batchnorm_statistics_from(networks: Sequence[torch.nn.Module], images: torch.Tensor,
+                              batch_size: int = 512, device: torch.device | str = "cpu") -> None:
+    """Re-estimate the running statistics of every BatchNorm layer in `networks` (applied in
+    order: encoder, then projector) from uint8 `images` [N, 3, H, W], as the average over
+    batches of each batch's statistics. Under DP the global model's statistics carry no site
+    data (client/privacy.py); the server's own labelled bank stands in for the sites' images
+    when the model is evaluated or exported. Each module's train/eval mode and momentum are
+    restored."""
+    layers = [m for net in networks for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for net in networks for m in net.modules()}
+    momenta = {m: m.momentum for m in layers}
+    try:
+        for net in networks:
+            net.train()
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average over the batches
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start:start + batch_size].to(device))
+            for net in networks:
+                x = net(x).flatten(1)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for layer, momentum in momenta.items():
+            layer.momentum = momentum

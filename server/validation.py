@@ -90,10 +90,10 @@ def non_finite_problem(arrays: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
-def metrics_problem(metrics: Mapping[str, object]) -> str | None:
-    weight = metrics.get(WEIGHT_KEY)
+def metrics_problem(metrics: Mapping[str, object], weight_key: str = WEIGHT_KEY) -> str | None:
+    weight = metrics.get(weight_key)
     if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
-        return f"metric {WEIGHT_KEY} is {weight!r}, expected a positive number"
+        return f"metric {weight_key} is {weight!r}, expected a positive number"
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if not all(np.isfinite(v) for v in values):
@@ -146,7 +146,7 @@ class Screening:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-def _reply_problem(reply: Message, spec: Spec) -> tuple[str | None, dict[str, np.ndarray]]:
+def _reply_problem(reply: Message, spec: Spec, weight_key: str) -> tuple[str | None, dict[str, np.ndarray]]:
     """Why the reply's layout or metrics cannot be aggregated (or None), and its arrays."""
     if reply.has_error():
         return f"client error: {reply.error.reason}", {}
@@ -158,11 +158,11 @@ def _reply_problem(reply: Message, spec: Spec) -> tuple[str | None, dict[str, np
         arrays = _arrays(reply)
     except Exception as err:  # undecodable bytes are a bad reply, not a server crash
         return f"arrays cannot be decoded: {type(err).__name__}: {err}", {}
-    return array_problem(arrays, spec) or metrics_problem(next(iter(content.metric_records.values()))), arrays
+    return array_problem(arrays, spec) or metrics_problem(next(iter(content.metric_records.values())), weight_key), arrays
 
 
-def _weight(reply: Message) -> float:
-    return float(next(iter(reply.content.metric_records.values()))[WEIGHT_KEY])
+def _weight(reply: Message, weight_key: str) -> float:
+    return float(next(iter(reply.content.metric_records.values()))[weight_key])
 
 
 def _arrays(reply: Message) -> dict[str, np.ndarray]:
@@ -170,9 +170,11 @@ def _arrays(reply: Message) -> dict[str, np.ndarray]:
 
 
 def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.ndarray],
-           max_norm_ratio: float, mean: WeightedMean | None = None) -> Screening:
+           max_norm_ratio: float, mean: WeightedMean | None = None,
+           weight_key: str = WEIGHT_KEY) -> Screening:
     """Split a round's train replies into those safe to aggregate and rejected ones; with
-    `mean`, also sum the accepted ones into it."""
+    `mean`, also sum the accepted ones into it, each weighted by its metric `weight_key` (the
+    strategy's `weighted_by_key`: examples, or 1 for every site under DP, server/dp.py)."""
     result = Screening()
     # Each reply's arrays are decoded, checked and measured, then dropped: holding them all
     # would cost a model copy per reply on top of the replies themselves.
@@ -180,12 +182,12 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
     summed_rejects = False
     walker = mean.walker if mean is not None else BlockWalker()
     for reply in replies:
-        problem, arrays = _reply_problem(reply, spec)
+        problem, arrays = _reply_problem(reply, spec, weight_key)
         if problem:
             result.rejected[reply.metadata.src_node_id] = problem
             continue
         # With a mean, the norm is measured in the pass that sums the reply: read once.
-        norm = (mean.add(arrays, _weight(reply), reference) if mean is not None
+        norm = (mean.add(arrays, _weight(reply, weight_key), reference) if mean is not None
                 else update_norm(arrays, reference, walker))
         if math.isfinite(norm):
             candidates.append((reply, norm))
@@ -213,5 +215,5 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
         # would wipe out the rest). Rare: a second read of the accepted replies.
         mean.clear()
         for reply in result.accepted:
-            mean.add(_arrays(reply), _weight(reply))
+            mean.add(_arrays(reply), _weight(reply, weight_key))
     return result

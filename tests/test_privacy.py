@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -16,14 +17,16 @@ from client.app import app as client_app
 from client.secure import SecureRoundClient
 from common.config import ConfigError, RunConfig
 from common.methods import build_method
+from common.evaluation import embed
 from common.records import to_record
-from server.accounting import gaussian_epsilon
+from server.accounting import exact_epsilon
 from server.app import run_federation
+from server.dp import batchnorm_statistics_from
 from server.resume import load_run_state
 from server.secure import SecureRounds
 from server.strategies import build_strategy
 from inprocess import InProcessGrid
-from conftest import fast_config
+from conftest import fast_config, write_image_folder
 
 DP = dict(max_update_norm_ratio=0.0, amp=False)
 
@@ -50,10 +53,28 @@ def floats(record) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.float64) for k, v in record.items() if v.numpy().dtype.kind == "f"}
 
 
-def one_dp_round(cfg, num_nodes=3):
+def is_statistic(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def weights(record) -> dict[str, np.ndarray]:
+    """The float entries that are learned weights (not BatchNorm statistics), in float64."""
+    return {k: v for k, v in floats(record).items() if not is_statistic(k)}
+
+
+def failing_at(nodes: set[int]):
+    """The ClientApp, except that `nodes` raise in every round (an error reply)."""
+    def app(msg: Message, context: Context) -> Message:
+        if context.node_id in nodes:
+            raise RuntimeError("site broke")
+        return client_app(msg, context)
+    return app
+
+
+def one_dp_round(cfg, num_nodes=3, app=client_app, node_config=None):
     """Round 1 driven by hand: the global model sent, the replies, the aggregate."""
     strategy = build_strategy(cfg)
-    grid = RecordingGrid(client_app, num_nodes=num_nodes)
+    grid = RecordingGrid(app, num_nodes=num_nodes, node_config=node_config)
     sent = to_record(build_method(cfg).shared_state())
     messages = strategy.configure_train(1, sent, ConfigRecord(cfg.to_mapping()), grid)
     replies = grid.send_and_receive(messages)
@@ -64,7 +85,7 @@ def one_dp_round(cfg, num_nodes=3):
 # --- differential privacy -------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
-def test_every_update_reaching_aggregation_is_clipped_and_counters_stay_integers(small_image_folder, tmp_path, mode):
+def test_every_update_reaching_aggregation_is_clipped_and_counters_stay_as_sent(small_image_folder, tmp_path, mode):
     clip = 0.05  # far below an unclipped round's update norm, so every site is clipped
     cfg = fast_config(small_image_folder, tmp_path, dp=mode, dp_clip_norm=clip, **DP)
     _, sent, replies, _ = one_dp_round(cfg)
@@ -76,27 +97,114 @@ def test_every_update_reaching_aggregation_is_clipped_and_counters_stay_integers
         assert update <= clip * (1 + 1e-5)
         assert update == pytest.approx(clip, rel=1e-3)  # clipped, not merely small
         counters = {k: v.numpy() for k, v in arrays.items() if "num_batches_tracked" in k}
-        assert counters and all(c.dtype == np.int64 and c > 0 for c in counters.values())
+        assert counters and all(c.dtype == np.int64 and c == sent[k].numpy() for k, c in counters.items())
     if mode == "adaptive":
         assert all(r.content["metrics"]["norm_bit"] == 1 for r in replies)
 
 
-def test_the_aggregate_carries_gaussian_noise_of_the_expected_size(small_image_folder, tmp_path):
+def test_the_noise_is_z_c_over_the_sampled_count_also_when_a_site_fails(small_image_folder, tmp_path):
     z, clip = 2.0, 0.05
     cfg = fast_config(small_image_folder, tmp_path, dp="fixed", dp_clip_norm=clip, dp_noise_multiplier=z, **DP)
-    strategy, sent, replies, arrays = one_dp_round(cfg)
-    updates = [floats(r.content["arrays"]) for r in replies]
-    # Sites count equally under DP: the noiseless aggregate is the plain mean of the updates.
-    noise = np.concatenate([(arrays[k].numpy().astype(np.float64) - np.mean([u[k] for u in updates], axis=0)).ravel()
-                            for k in updates[0]])
+    strategy, sent, replies, arrays = one_dp_round(cfg, app=failing_at({1001}))
+    glob = weights(sent)
+    updates = [{k: v - glob[k] for k, v in weights(r.content["arrays"]).items()} for r in replies if not r.has_error()]
+    assert len(updates) == 2 and strategy.round_stats[1]["clients_failed"] == 1
+    # 3 sampled, 2 replied: the noiseless aggregate adds the sum of the updates over 3, and
+    # the noise is calibrated to the same 3 (a failed site counts as a zero update).
+    noise = np.concatenate([(arrays[k].numpy().astype(np.float64) - glob[k] - sum(u[k] for u in updates) / 3).ravel()
+                            for k in glob])
     expected = z * clip / 3
     assert noise.size > 10_000
     assert noise.std() == pytest.approx(expected, rel=0.05)
     assert abs(noise.mean()) < 5 * expected / math.sqrt(noise.size)
-    # integer counters are averaged, not noised
-    for key in (k for k in arrays.keys() if "num_batches_tracked" in k):
-        assert float(arrays[key].numpy()) == np.mean([r.content["arrays"][key].numpy() for r in replies])
     assert strategy.releases == 1
+
+
+def unequal_sites(root, per_class=(1, 2, 8)):
+    """Three site folders of 4, 8 and 32 images: example weights would differ 8-fold."""
+    folders = [write_image_folder(root / f"site{i}", per_class=n, seed=i) for i, n in enumerate(per_class)]
+    return lambda i: {"data-path": str(folders[i])}
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_under_dp_every_site_weighs_the_same_whatever_its_image_count(small_image_folder, tmp_path, mode):
+    cfg = fast_config(small_image_folder, tmp_path / "run", dp=mode, dp_clip_norm=0.05, dp_noise_multiplier=0.0, **DP)
+    _, sent, replies, arrays = one_dp_round(cfg, node_config=unequal_sites(tmp_path))
+    assert len(replies) == 3 and not any(r.has_error() for r in replies)
+    got = weights(arrays)
+    clipped = [weights(r.content["arrays"]) for r in replies]
+    plain = {k: np.mean([c[k] for c in clipped], axis=0) for k in got}
+    by_examples = {k: np.average([c[k] for c in clipped], axis=0, weights=[4, 8, 32]) for k in got}
+    assert max(np.abs(got[k] - by_examples[k]).max() for k in got) > 1e-4  # the two differ here
+    assert all(np.allclose(got[k], plain[k], rtol=0, atol=1e-6) for k in got)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_under_dp_a_failed_site_is_a_zero_update_over_the_sampled_count(small_image_folder, tmp_path, mode):
+    cfg = fast_config(small_image_folder, tmp_path / "run", dp=mode, dp_clip_norm=0.05, dp_noise_multiplier=0.0, **DP)
+    strategy, sent, replies, arrays = one_dp_round(cfg, app=failing_at({1002}), node_config=unequal_sites(tmp_path))
+    glob = weights(sent)
+    clipped = [weights(r.content["arrays"]) for r in replies if not r.has_error()]
+    assert len(clipped) == 2 and strategy.round_stats[1]["clients_ok"] == 2
+    got = weights(arrays)
+    expected = {k: glob[k] + sum(c[k] - glob[k] for c in clipped) / 3 for k in glob}
+    assert all(np.allclose(got[k], expected[k], rtol=0, atol=1e-6) for k in glob)
+
+
+def test_dp_replies_release_no_batchnorm_statistics_and_the_global_ones_stay_valid(small_image_folder, tmp_path):
+    # A noise std of 5/3 per entry would make many running variances negative if noised.
+    cfg = fast_config(small_image_folder, tmp_path, dp="fixed", dp_clip_norm=1.0, dp_noise_multiplier=5.0, **DP)
+    _, sent, replies, arrays = one_dp_round(cfg)
+    statistics = [k for k in sent.keys() if is_statistic(k)]
+    assert any(k.endswith("running_var") for k in statistics)
+    for reply in replies:  # each site sends back the statistics it received: nothing of its own
+        for key in statistics:
+            assert np.array_equal(reply.content["arrays"][key].numpy(), sent[key].numpy()), key
+    for key in statistics:  # the global statistics are kept, not averaged or noised
+        assert np.array_equal(arrays[key].numpy(), sent[key].numpy()), key
+        assert arrays[key].numpy().dtype == sent[key].numpy().dtype
+
+
+def test_adaptive_clipping_grows_the_norm_when_sites_are_clipped_counting_over_the_sampled(small_image_folder, tmp_path):
+    # Every site is clipped at 0.05; count noise ~0. Andrew et al.: fraction not clipped, the
+    # bits centred (+-1/2) with the failed site adding 0, over the 3 sampled: (2 x -1/2) / 3
+    # + 1/2 = 1/6, below the target 0.5, so C grows by exp(0.2 x (0.5 - 1/6)).
+    cfg = fast_config(small_image_folder, tmp_path, dp="adaptive", dp_clip_norm=0.05, dp_noise_multiplier=0.0,
+                      dp_clipped_count_stddev=1e-9, dp_clip_norm_lr=0.2, dp_target_quantile=0.5, **DP)
+    strategy, *_ = one_dp_round(cfg, app=failing_at({1002}))
+    assert strategy.clipping_norm == pytest.approx(0.05 * math.exp(0.2 * (0.5 - 1 / 6)), rel=1e-6)
+
+
+def test_batchnorm_statistics_are_estimated_from_the_servers_images(small_image_folder, tmp_path):
+    method = build_method(fast_config(small_image_folder, tmp_path)).eval()
+    layers = [m for net in (method.encoder, method.projector) for m in net.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(layers) > 2
+    seen = {}
+    layers[0].register_forward_pre_hook(lambda module, args: seen.setdefault("input", args[0].detach().clone()))
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8)
+    batchnorm_statistics_from([method.encoder, method.projector], images, batch_size=64)
+    first = seen["input"].double()
+    assert torch.allclose(layers[0].running_mean.double(), first.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(layers[0].running_var.double(), first.var(dim=(0, 2, 3)), rtol=1e-4)
+    assert all(torch.isfinite(m.running_var).all() and (m.running_var > 0).all() for m in layers)
+    assert not method.training and all(m.momentum == 0.1 for m in layers)  # modes and momenta restored
+    assert torch.isfinite(embed(method.encoder, images)).all()
+
+
+def test_a_dp_run_releases_no_per_site_metrics(small_image_folder, tmp_path):
+    cfg = fast_config(small_image_folder, tmp_path / "run", dp="adaptive", dp_clip_norm=0.05, strategy="fedema",
+                      num_rounds=2, **DP)
+    grid = RecordingGrid(client_app, num_nodes=2)
+    run_federation(grid, cfg)
+    for reply in grid.replies:  # what leaves a site: the weight Flower needs, set to 1, and the norm bit
+        metrics = dict(reply.content["metrics"])
+        metrics.pop("dp-unit-weight", None)  # added by the server on arrival
+        assert metrics.keys() == {"num-examples", "norm_bit"} and metrics["num-examples"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        assert row["aggregated"] and row["train_loss"] is None and row["client_images_per_second"] is None
+        assert "client_rules" not in row and row["skipped_images"] == 0 and row["client_train_seconds"] == 0
 
 
 def test_a_dp_run_completes_reports_epsilon_and_resumes_its_accounting(small_image_folder, tmp_path):
@@ -115,28 +223,9 @@ def test_a_dp_run_completes_reports_epsilon_and_resumes_its_accounting(small_ima
                              fast_config(small_image_folder, tmp_path / "part", resume=True, **settings))
     privacy = summary["privacy"]
     assert privacy["releases"] == 3 and privacy["dp"] == "adaptive"
-    assert privacy["epsilon"] == pytest.approx(gaussian_epsilon(1.0, 3, 1e-5))
+    assert privacy["epsilon"] == pytest.approx(exact_epsilon(1.0, 3, 1e-5))
     assert float(state.server_state["dp"]["clipping-norm"]) != 0.05  # it adapted, and was saved
     assert summary["final"]["aggregated"] and summary["final"]["round"] == 3
-
-
-def test_rdp_epsilon_bounds_the_exact_gaussian_epsilon_from_above():
-    def cdf(x):
-        return 0.5 * math.erfc(-x / math.sqrt(2))
-
-    def exact_delta(eps, mu):  # Balle and Wang (2018): mu-GDP after composition
-        return cdf(-eps / mu + mu / 2) - math.exp(eps) * cdf(-eps / mu - mu / 2)
-
-    for z, releases in [(1.0, 1), (1.0, 10), (2.0, 50), (5.0, 13)]:
-        mu = math.sqrt(releases) / z
-        lo, hi = 0.0, 100.0
-        for _ in range(100):  # bisection: the exact epsilon at delta = 1e-5
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if exact_delta(mid, mu) > 1e-5 else (lo, mid)
-        rdp = gaussian_epsilon(z, releases, 1e-5)
-        assert hi <= rdp <= 1.4 * hi + 0.1
-    assert gaussian_epsilon(1.0, 0, 1e-5) == 0.0 and math.isinf(gaussian_epsilon(0.0, 3, 1e-5))
-    assert gaussian_epsilon(1.0, 10, 1e-5) < gaussian_epsilon(1.0, 20, 1e-5)
 
 
 # --- refused combinations -------------------------------------------------------------------
