@@ -30,6 +30,10 @@ What changes from Flower's wrappers, and why:
   Andrew et al. (sensitivity 1/2, which Flower's split of the noise assumes), and in the
   paper's direction: C grows when more than 1 - dp-target-quantile of the sites are clipped
   (Flower 1.42 shrinks it then, and C runs away to 0).
+- The noise comes from a generator of its own, seeded by the operating system and never
+  saved. Flower's wrappers draw from numpy's global RNG, whose state every checkpoint holds
+  (server/resume.py): from it the noise of a round could be replayed (MT19937 also steps
+  back), and with it the noiseless mean.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
                                      DifferentialPrivacyClientSideFixedClipping)
-from flwr.supercore.differential_privacy import KEY_NORM_BIT
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from common.augment import normalize
 from common.config import ConfigError
@@ -104,6 +108,7 @@ class PrivateRounds:
         self.statistics = shared_statistics(cfg)
         self._sent: ArrayRecord | None = None
         self._sampled = 0
+        self.noise_rng = np.random.default_rng()  # OS entropy; not in any checkpoint
         self.strategy.weighted_by_key = UNIT_WEIGHT
 
     # --- the rule's interface -------------------------------------------------------------
@@ -181,9 +186,15 @@ class PrivateRounds:
         return ArrayRecord(out)
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        weights = ArrayRecord({k: v for k, v in aggregated.items() if k not in self.statistics})
-        noisy = super()._add_noise_to_aggregated_arrays(weights)
-        return ArrayRecord({k: noisy[k] if k in noisy else v for k, v in aggregated.items()})
+        # Flower's std (z C / m), drawn from self.noise_rng rather than numpy's global RNG.
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        out = {}
+        for key, value in aggregated.items():
+            if key not in self.statistics:
+                array = value.numpy()
+                value = Array(np.asarray(array + self.noise_rng.normal(0.0, std, array.shape).astype(array.dtype)))
+            out[key] = value
+        return ArrayRecord(out)
 
 
 class FixedClippingSSL(PrivateRounds, DifferentialPrivacyClientSideFixedClipping):
@@ -215,7 +226,7 @@ class AdaptiveClippingSSL(PrivateRounds, DifferentialPrivacyClientSideAdaptiveCl
         # centred (+-1/2; a site that did not reply adds 0), noised, over the m sampled.
         centred = sum(0.5 - int(bool(metrics[KEY_NORM_BIT])) for reply in accepted
                       for metrics in reply.content.metric_records.values() if KEY_NORM_BIT in metrics)
-        unclipped = (centred + np.random.normal(0.0, self.clipped_count_stddev)) / self._sampled + 0.5
+        unclipped = (centred + self.noise_rng.normal(0.0, self.clipped_count_stddev)) / self._sampled + 0.5
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
 

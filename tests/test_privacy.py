@@ -175,6 +175,29 @@ def test_adaptive_clipping_grows_the_norm_when_sites_are_clipped_counting_over_t
     assert strategy.clipping_norm == pytest.approx(0.05 * math.exp(0.2 * (0.5 - 1 / 6)), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_the_noise_cannot_be_replayed_from_the_rng_state_a_checkpoint_saves(small_image_folder, tmp_path, mode):
+    # Every checkpoint saves numpy's global RNG state (server/resume.py, for resuming). Noise
+    # drawn from that RNG could be replayed by whoever holds a checkpoint (and MT19937 can be
+    # stepped back to earlier rounds), giving the noiseless mean: DP would be void.
+    cfg = fast_config(small_image_folder, tmp_path, dp=mode, dp_clip_norm=1.0, dp_noise_multiplier=1.0,
+                      dp_clipped_count_stddev=1.0, **DP)
+    strategy = build_strategy(cfg)
+    mean = to_record(build_method(cfg).shared_state())
+    strategy.num_sampled_clients = strategy._sampled = 3
+    saved = np.random.get_state()
+    released, norms = [], []
+    for _ in range(2):
+        np.random.set_state(saved)  # as a checkpoint holds it
+        strategy.clipping_norm = 1.0
+        released.append(weights(strategy._add_noise_to_aggregated_arrays(mean)))
+        strategy.after_release([])  # adaptive: the noisy count moves C
+        norms.append(strategy.clipping_norm)
+    assert any(not np.array_equal(released[0][k], released[1][k]) for k in released[0])
+    if mode == "adaptive":
+        assert norms[0] != norms[1]
+
+
 def test_batchnorm_statistics_are_estimated_from_the_servers_images(small_image_folder, tmp_path):
     method = build_method(fast_config(small_image_folder, tmp_path)).eval()
     layers = [m for net in (method.encoder, method.projector) for m in net.modules()
