@@ -1,7 +1,10 @@
 """Monitors for self-supervised encoders: kNN accuracy, linear probe, collapse.
 
 All of them work on frozen features (``embed``), so the server can evaluate the
-aggregated encoder without any labels ever reaching the training loop.
+aggregated encoder without any labels ever reaching the training loop. Features holding NaN
+or Inf (a diverged model, a BatchNorm variance gone negative) are refused with
+``NonFiniteFeatures``: on them kNN votes for one class and reads as chance accuracy, which
+is no measurement. ``nonfinite_rows`` lets a caller check before it measures.
 """
 
 from __future__ import annotations
@@ -12,7 +15,23 @@ import torch.nn.functional as F
 from common.augment import normalize
 from common.device import autocast
 
-__all__ = ["collapse_std", "embed", "knn_top1", "linear_probe"]
+__all__ = ["NonFiniteFeatures", "collapse_std", "embed", "knn_top1", "linear_probe", "nonfinite_rows"]
+
+
+class NonFiniteFeatures(ValueError):
+    """Features with NaN or Inf values were given to a monitor."""
+
+
+def nonfinite_rows(features: torch.Tensor) -> int:
+    """How many feature vectors hold a NaN or an Inf."""
+    return int((~torch.isfinite(features.flatten(1))).any(dim=1).sum())
+
+
+def _require_finite(where: str, **features: torch.Tensor) -> None:
+    for name, values in features.items():
+        bad = nonfinite_rows(values)
+        if bad:
+            raise NonFiniteFeatures(f"{where}: {name} holds NaN/Inf in {bad} of {len(values)} feature vectors")
 
 
 @torch.no_grad()
@@ -69,6 +88,7 @@ def knn_top1(
     """
     if len(bank_features) == 0 or len(query_features) == 0:
         raise ValueError("knn_top1: empty bank or query set")
+    _require_finite("knn_top1", bank_features=bank_features, query_features=query_features)
     if num_classes is None:
         num_classes = _num_classes(bank_labels, query_labels)
     k = min(k, len(bank_features))
@@ -108,6 +128,7 @@ def linear_probe(
     """
     if len(train_features) == 0 or len(test_features) == 0:
         raise ValueError("linear_probe: empty train or test set")
+    _require_finite("linear_probe", train_features=train_features, test_features=test_features)
     device = train_features.device
     num_classes = _num_classes(train_labels, test_labels)
     mean = train_features.float().mean(dim=0)
@@ -152,4 +173,5 @@ def collapse_std(features: torch.Tensor) -> float:
     """
     if len(features) < 2:
         raise ValueError("collapse_std: need at least two feature vectors")
+    _require_finite("collapse_std", features=features)
     return float(F.normalize(features.float(), dim=1).std(dim=0).mean())

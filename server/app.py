@@ -15,7 +15,7 @@ from common.device import select_device, set_threads
 from common.logs import get_logger
 from common.methods import build_method
 from common.records import from_record, to_record
-from server.evaluation import GlobalEvaluator
+from server.evaluation import GlobalEvaluator, stop_if_not_finite
 from server.nodes import wait_for_nodes
 from server.progress import Progress
 from server.resume import RunState, load_run_state, rng_state, save_run_state, set_rng_state
@@ -117,6 +117,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                                 strategy.server_state(), rng_state()),
                        weights_metadata(cfg, server_round))
         out.append_metrics(row)
+        stop_if_not_finite(scores, server_round)  # a NaN/Inf model: warned, marked, stopped
         progress.update(row)
         return MetricRecord({k: float(v) for k, v in scores.items()})
 

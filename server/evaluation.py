@@ -1,22 +1,32 @@
 """The server's view of the global encoder each round: kNN top-1 on a labelled held-out
-set it holds, the collapse statistic, and a linear probe when asked."""
+set it holds, the collapse statistic, and a linear probe when asked.
+
+A global model whose features hold NaN or Inf (a diverged model, a BatchNorm variance gone
+negative) is not measured: a kNN on such features votes for one class and reads as chance
+accuracy. Its row says `finite: false` with the scores null, the server warns naming the
+round, and the run stops there (`stop_if_not_finite`): every later round would start from
+that model."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from common.config import RunConfig
-from common.datasets import load_eval_split
-from common.evaluation import collapse_std, embed, knn_top1, linear_probe
+from common.datasets import evaluation_source, load_eval_split
+from common.evaluation import collapse_std, embed, knn_top1, linear_probe, nonfinite_rows
 from common.logs import get_logger
 from common.methods.base import SSLMethod
+from server.dp import batchnorm_statistics_from
 
 log = get_logger()
 
 
-
 def eval_source(cfg: RunConfig) -> tuple[str, str]:
-    """The labelled images the server evaluates on: --eval-path, else the training source."""
-    return ("imagefolder", cfg.eval_path) if cfg.eval_path else (cfg.dataset, cfg.data_path)
+    """The labelled images the server evaluates on: --eval-path, else the training source.
+    Refuses (ConfigError) folders whose queries the clients could train on; a query split
+    carved from the training folder is left out of training (common.datasets)."""
+    return evaluation_source(cfg.dataset, cfg.data_path, cfg.eval_path)
 
 
 class GlobalEvaluator:
@@ -33,13 +43,30 @@ class GlobalEvaluator:
                  len(self.bank), len(self.query), self.num_classes, path or source)
 
     @torch.no_grad()
-    def __call__(self, method: SSLMethod, *, probe: bool = False) -> dict[str, float]:
+    def __call__(self, method: SSLMethod, *, probe: bool = False) -> dict[str, Any]:
+        """The scores with `finite: True`; or, when the encoder's features or the projections
+        hold NaN/Inf, `finite: False`, the scores None and `nonfinite` (how many vectors of
+        each kind), measuring nothing."""
         method.to(self.device)
+        if self.cfg.dp != "none":
+            # DP releases no site statistics (docs/privacy.md): the server's own bank stands
+            # in for the sites' images, in the model evaluated, checkpointed and exported.
+            batchnorm_statistics_from([method.encoder, method.projector], self.bank.images,
+                                      device=self.device)
         bank = embed(method.encoder, self.bank.images, device=self.device)
         query = embed(method.encoder, self.query.images, device=self.device)
         projector = method.projector.eval()
         projections = projector(query[:2048].to(self.device)).float().cpu()
+        nonfinite = {name: count for name, features in
+                     (("bank", bank), ("query", query), ("projections", projections))
+                     if (count := nonfinite_rows(features))}
+        if nonfinite:
+            method.cpu()
+            return {"finite": False, "nonfinite": nonfinite, "knn_top1": None, "collapse_std": None,
+                    "collapse_healthy": projections.shape[1] ** -0.5,
+                    **({"probe_top1": None} if probe else {})}
         metrics = {
+            "finite": True,
             "knn_top1": knn_top1(bank, self.bank.labels, query, self.query.labels,
                                  k=self.cfg.knn_k, temperature=self.cfg.knn_temperature,
                                  num_classes=self.num_classes),
@@ -52,3 +79,22 @@ class GlobalEvaluator:
                                                      self.query.labels, seed=self.cfg.seed)
         method.cpu()
         return metrics
+
+
+class NonFiniteModel(RuntimeError):
+    """The global model gives NaN/Inf features: the run stops."""
+
+
+def stop_if_not_finite(scores: dict[str, Any], server_round: int) -> None:
+    """Warn and stop the run when the round's evaluation found non-finite features. Called
+    once the round's checkpoint and row are written: the checkpoint holds the model that
+    failed, for diagnosis (a negative running_var, a NaN weight); resuming from it would
+    start from that model, so a new run with other settings is the way on."""
+    if scores.get("finite", True):
+        return
+    counts = ", ".join(f"{count} {name}" for name, count in scores.get("nonfinite", {}).items())
+    message = (f"round {server_round}: the global model gives non-finite features (NaN/Inf in "
+               f"{counts} vectors); kNN, probe and collapse are not measured (metrics.jsonl: "
+               f"finite=false, scores null) and the run stops here")
+    log.warning(message)
+    raise NonFiniteModel(message)

@@ -1,7 +1,9 @@
-"""Behaviour of the SSL monitors (common/evaluation.py)."""
+"""Behaviour of the SSL monitors (common/evaluation.py) and of the server's evaluation of
+the global model (server/evaluation.py)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -161,3 +163,93 @@ def test_embed_on_cuda_returns_cpu_float32():
     features = embed(encoder, _uint8_images(10), batch_size=4, device="cuda")
     assert features.dtype == torch.float32 and features.device.type == "cpu"
     assert features.shape == (10, 8)
+
+
+# ------------------------------------------------- a model that gives NaN/Inf features
+
+
+def test_monitors_refuse_non_finite_features_rather_than_score_them():
+    bank, bank_labels = _clusters(200, 4, 16, noise=0.1, seed=0)
+    query, query_labels = _clusters(100, 4, 16, noise=0.1, seed=1)
+    broken = query.clone()
+    broken[3, 0] = float("nan")
+    broken[7, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"knn_top1: query_features holds NaN/Inf in 2 of 100"):
+        knn_top1(bank, bank_labels, broken, query_labels)
+    with pytest.raises(ValueError, match=r"collapse_std: .*NaN/Inf"):
+        collapse_std(broken)
+    with pytest.raises(ValueError, match=r"linear_probe: test_features .*NaN/Inf"):
+        linear_probe(bank, bank_labels, broken, query_labels, epochs=1)
+
+
+@pytest.fixture
+def fedssl_log(caplog):
+    """caplog, also when the fedssl logger does not propagate (common/logs.py)."""
+    logger = logging.getLogger("fedssl")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="fedssl")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def _first_batchnorm(module: torch.nn.Module) -> torch.nn.modules.batchnorm._BatchNorm:
+    return next(m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_the_server_marks_a_model_with_a_negative_running_variance_and_stops(
+        small_image_folder, tmp_path, fedssl_log):
+    from common.methods import build_method
+    from server.evaluation import GlobalEvaluator
+    from conftest import fast_config
+
+    cfg = fast_config(small_image_folder, tmp_path / "run")
+    evaluator = GlobalEvaluator(cfg, torch.device("cpu"))
+    method = build_method(cfg)
+    healthy = evaluator(method, probe=True)
+    assert healthy["finite"] is True and 0.0 <= healthy["knn_top1"] <= 1.0
+    assert math.isfinite(healthy["collapse_std"]) and math.isfinite(healthy["probe_top1"])
+
+    # what a server optimizer's step did to BatchNorm: a variance below zero
+    _first_batchnorm(method.encoder).running_var[0] = -0.5
+    scores = evaluator(method, probe=True)
+    assert scores["finite"] is False
+    assert scores["knn_top1"] is None and scores["collapse_std"] is None and scores["probe_top1"] is None
+    assert scores["nonfinite"]["bank"] == len(evaluator.bank)  # every image's feature is NaN
+
+    from server.evaluation import stop_if_not_finite
+    stop_if_not_finite(healthy, 3)  # a finite model goes on
+    with pytest.raises(RuntimeError, match="round 3: .*non-finite"):
+        stop_if_not_finite(scores, 3)
+    assert "round 3: the global model gives non-finite features" in fedssl_log.text
+
+
+def test_a_run_whose_global_model_turns_non_finite_records_the_round_and_stops(
+        small_image_folder, tmp_path, fedssl_log):
+    import json
+
+    from flwr.app import Array, ArrayRecord
+
+    from client.app import app as client_app
+    from server.app import run_federation
+    from inprocess import InProcessGrid
+    from conftest import fast_config
+
+    def negative_variances(msg, context):
+        """The real client, whose reply's BatchNorm variances are all below zero."""
+        reply = client_app(msg, context)
+        arrays = reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord({
+            k: Array(-v.numpy() - 1.0) if k.endswith("running_var") else v for k, v in arrays.items()})
+        return reply
+
+    cfg = fast_config(small_image_folder, tmp_path / "run", num_rounds=3)
+    with pytest.raises(RuntimeError, match="round 1: "):
+        run_federation(InProcessGrid(negative_variances, num_nodes=2), cfg)
+    assert "round 1: the global model gives non-finite features" in fedssl_log.text
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1]  # stopped after the round it could not measure
+    assert rows[0]["finite"] is True and rows[0]["knn_top1"] is not None
+    assert rows[1]["finite"] is False and rows[1]["clients_ok"] == 2
+    assert rows[1]["knn_top1"] is None and rows[1]["collapse_std"] is None
+    assert not (tmp_path / "run" / "encoder.safetensors").exists()  # nothing exported

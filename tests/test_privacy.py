@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.app import app as client_app
 from client.secure import SecureRoundClient
+from common.checkpoint import load_encoder
 from common.config import ConfigError, RunConfig
 from common.methods import build_method
 from common.evaluation import embed
@@ -228,6 +229,13 @@ def test_a_dp_run_releases_no_per_site_metrics(small_image_folder, tmp_path):
     for row in rows[1:]:
         assert row["aggregated"] and row["train_loss"] is None and row["client_images_per_second"] is None
         assert "client_rules" not in row and row["skipped_images"] == 0 and row["client_train_seconds"] == 0
+    # the exported encoder's BatchNorm statistics are the server's estimate from its own bank,
+    # not the initial ones (no site sent any): finite, positive, and no longer mean 0 / var 1
+    encoder = load_encoder(tmp_path / "run" / "encoder.safetensors").eval()
+    variances = [m.running_var for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert variances and all(torch.isfinite(v).all() and (v > 0).all() for v in variances)
+    assert not all(torch.allclose(v, torch.ones_like(v)) for v in variances)
+    assert torch.isfinite(encoder(torch.rand(2, 3, 16, 16))).all()
 
 
 def test_a_dp_run_completes_reports_epsilon_and_resumes_its_accounting(small_image_folder, tmp_path):

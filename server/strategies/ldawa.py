@@ -10,9 +10,10 @@ layers are averaged over the K replies, following the authors' reference impleme
 The weights are not normalised to sum to 1 (a divergent round shrinks the layer), nor
 weighted by examples; delta is capped at 1 against rounding, and not floored at 0, as there.
 Where the cosine is undefined (a layer, or the global one, of norm 0: zero-initialised
-biases, BatchNorm running means at the start) delta is 1, i.e. the plain mean; the reference
-divides by zero there. Entries without a direction (0-d) and integer step counters take the
-plain mean, counters rounded to their dtype.
+biases) delta is 1, i.e. the plain mean; the reference divides by zero there. Entries without
+a direction (0-d) and integer step counters take the plain mean, counters rounded to their
+dtype. BatchNorm's running statistics are no layer to weight: the strategy gives them the
+example-weighted mean of the replies (running_stats.py) and weights the parameters only.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
 from server.rounds import SSLRounds, sampling
+from server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
 
 def layer_weight(client: np.ndarray, glob: np.ndarray) -> float:
@@ -47,8 +49,9 @@ def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]],
 
 
 class LDAWA(FedAvg):
-    """FedAvg with L-DAWA's aggregation of arrays; metrics are still example-weighted. The
-    global model the round started from is SSLRounds' `_global`."""
+    """FedAvg with L-DAWA's aggregation of the arrays it is handed (the parameters, under
+    StatisticsAsMean); metrics are still example-weighted. The global model the round started
+    from is SSLRounds' `_global`."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         contents = [m.content for m in replies if not m.has_error()]
@@ -61,9 +64,11 @@ class LDAWA(FedAvg):
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
 
 
-class LDAWASSL(SSLRounds, LDAWA):
+class LDAWASSL(SSLRounds, StatisticsAsMean, LDAWA):
     pass
 
 
 def build(cfg) -> LDAWASSL:
-    return LDAWASSL(**sampling(cfg))
+    strategy = LDAWASSL(**sampling(cfg))
+    strategy.statistics = statistics_keys(cfg)
+    return strategy
