@@ -7,16 +7,23 @@ Here the random parameters are drawn per sample as small tensors, and each
 transform is a few tensor ops over the whole batch, so one code path serves CPU
 and CUDA.
 
-Pipeline per view (BYOL's recipe): random resized crop + horizontal flip (one
-``grid_sample``), colour jitter with probability ``jitter_prob`` (brightness,
-contrast, saturation, hue, in that fixed order), grayscale, gaussian blur,
+What each view gets is the method's recipe (``ViewRecipe``, declared by each
+method in ``common/methods/``), at the run's image size (``ViewRecipe.at``).
+Pipeline per view, in the papers' order: random resized crop + horizontal flip
+(one ``grid_sample``), colour jitter with probability ``jitter_prob``
+(brightness, contrast, saturation and hue in a random order drawn per sample, as
+torchvision's ColorJitter draws one per call), grayscale, gaussian blur,
 solarize, normalise. Pixels stay float in [0, 1] until the final normalise.
 
 Randomness: parameters are drawn with the given generator (the global CPU one
-when none is given), and the per-sample bookkeeping (crop boxes, 3x3 colour
-matrices, blur kernels, which samples to blur) is done on the CPU, then moved to
-the images. A CPU seed therefore gives the same views whatever device the images
-are on, and with a CPU generator CUDA images cost no device sync.
+when none is given) on that generator's device, and the per-sample bookkeeping
+(crop boxes, jitter orders and 3x3 colour matrices, blur kernels, which samples
+to blur) is done on the CPU, then copied to the images' device. With a CPU
+generator (what ``common.training`` passes) a seed therefore gives the same
+views whatever device the images are on, up to floating-point rounding in the
+transforms, and the draws cost no device sync; the copies of the small
+parameter tensors to a CUDA device are ordinary blocking host-to-device copies.
+A CUDA generator draws a different random stream and costs a sync per draw.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MEAN", "STD", "AugmentConfig", "TwoViewAugment", "normalize"]
+__all__ = ["MEAN", "STD", "AugmentConfig", "TwoViewAugment", "ViewRecipe", "normalize"]
 
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -70,9 +77,11 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Augmentation settings; pairs are (view 1, view 2), BYOL's asymmetric recipe.
+    """Augmentation settings at one image size; pairs are (view 1, view 2).
 
-    For 32x32 inputs blur is commonly disabled with ``blur_probs=(0.0, 0.0)``.
+    A run builds this from its method's ``ViewRecipe`` (``ViewRecipe.at``); the
+    defaults here are BYOL's recipe, so a bare ``AugmentConfig(image_size=...)``
+    still gives BYOL's views.
     """
 
     image_size: int
@@ -110,6 +119,57 @@ class AugmentConfig:
         # About 10% of the image side, odd (BYOL: 23 px at 224); 3 px at 32.
         size = max(3, int(0.1 * self.image_size))
         return size if size % 2 == 1 else size + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewRecipe:
+    """A method's two-view augmentation, as its paper gives it at ImageNet size.
+
+    Every field is spelled out by the method that declares it (``common/methods/``,
+    with its source); pairs are (view 1, view 2). The jitter strengths are
+    torchvision ColorJitter's (factors drawn from [1 - s, 1 + s], hue shift from
+    [-h, h]).
+    """
+
+    crop_scale: tuple[float, float]
+    jitter_prob: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale_prob: float
+    blur_probs: tuple[float, float]
+    solarize_probs: tuple[float, float]
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.at(32)  # one set of checks, AugmentConfig's
+
+    def at(self, image_size: int, *, blur: bool = True,
+           crop_min_scale: float | None = None) -> AugmentConfig:
+        """This recipe at ``image_size``, with the run config's two overrides.
+
+        ``blur`` False drops the gaussian blur from both views (the run config's
+        ``blur`` key, default false: at 32 px SimSiam's and SimCLR's CIFAR settings
+        use none); True keeps the recipe's per-view blur probabilities.
+        ``crop_min_scale``, when given, replaces the recipe's lower crop bound (the
+        run config's ``crop-min-scale`` always gives one). Everything else (jitter,
+        grayscale, solarize, flip) is the recipe's.
+        """
+        crop = self.crop_scale if crop_min_scale is None else (crop_min_scale, 1.0)
+        return AugmentConfig(
+            image_size=image_size,
+            crop_scale=crop,
+            jitter_prob=self.jitter_prob,
+            brightness=self.brightness,
+            contrast=self.contrast,
+            saturation=self.saturation,
+            hue=self.hue,
+            grayscale_prob=self.grayscale_prob,
+            blur_probs=self.blur_probs if blur else (0.0, 0.0),
+            solarize_probs=self.solarize_probs,
+            flip_prob=self.flip_prob,
+        )
 
 
 # ----------------------------------------------------------------- random draws
@@ -187,11 +247,15 @@ def _crop_flip_theta(
     return theta
 
 
-# Saturation, hue and grayscale are linear in a pixel's RGB: each is one 3x3
-# matrix per sample, and their product is applied in a single batched matmul
-# (one pass over the pixels instead of three). torchvision clamps to [0, 1]
-# after each step; here only the product is clamped, which differs only for
-# pixels that saturation > 1 pushes out of gamut before the hue shift.
+# Colour jitter as torchvision's ColorJitter: brightness, contrast, saturation
+# and hue, each followed by a clamp to [0, 1], in an order drawn per sample. Each
+# of the four is a 3x3 matrix on a pixel's RGB, contrast plus a blend toward the
+# image's mean grey, so step k of the order is one batched matmul whatever op
+# each sample has there: four passes over the pixels for any mix of the 24
+# orders, with the clamps where torchvision has them.
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+_NO_JITTER = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the four factors that change nothing
 
 
 def _to_gray_matrix(n: int) -> torch.Tensor:
@@ -206,7 +270,7 @@ def _saturation_matrix(factor: torch.Tensor) -> torch.Tensor:
 
 
 def _hue_matrix(shift: torch.Tensor) -> torch.Tensor:
-    """Rotation of the YIQ chroma plane by ``shift`` turns.
+    """Rotation of the YIQ chroma plane by ``shift`` turns; exactly the identity at 0.
 
     Stands in for torchvision's per-pixel RGB -> HSV -> RGB round trip and stays
     linear: greys stay grey and luma is kept, which is what the augmentation needs.
@@ -217,12 +281,33 @@ def _hue_matrix(shift: torch.Tensor) -> torch.Tensor:
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
     rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
-    return _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
+    # The YIQ round trip is exact only up to rounding; no shift must change nothing.
+    turned = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
+    return torch.where((shift == 0).view(-1, 1, 1), torch.eye(3), turned)
 
 
-def _grayscale_matrix(apply: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(3).expand(len(apply), 3, 3)
-    return torch.where(apply.view(-1, 1, 1), _to_gray_matrix(len(apply)), eye)
+def _jitter_steps(order: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step of the order, each sample's matrix and contrast factor.
+
+    ``order`` [B, 4]: the op each sample applies at each step; ``factors`` [B, 4]:
+    its brightness, contrast and saturation factors and hue shift. Returns
+    matrices [4, B, 3, 3] and contrast [4, B] (1 where the step is not contrast).
+    """
+    n = len(order)
+    eye = torch.eye(3).expand(n, 3, 3)
+    by_op = torch.stack(
+        [
+            factors[:, BRIGHTNESS].view(-1, 1, 1) * eye,
+            factors[:, CONTRAST].view(-1, 1, 1) * eye,
+            _saturation_matrix(factors[:, SATURATION]),
+            _hue_matrix(factors[:, HUE]),
+        ],
+        dim=1,
+    )  # [B, op, 3, 3]
+    samples = torch.arange(n)
+    matrices = torch.stack([by_op[samples, order[:, k]] for k in range(4)])
+    contrast = torch.where(order.T == CONTRAST, factors[:, CONTRAST], 1.0)
+    return matrices, contrast
 
 
 def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -236,9 +321,10 @@ class _ViewParams(NamedTuple):
     """One view's per-sample parameters, on the CPU (moved to the images when used)."""
 
     theta: torch.Tensor  # [B, 2, 3] crop + flip
-    brightness: torch.Tensor  # [B] factor, 1 where jitter is off
-    contrast: torch.Tensor  # [B] factor, 1 where jitter is off
-    colour: torch.Tensor  # [B, 3, 3] saturation, hue and grayscale composed
+    jitter: torch.Tensor  # [B] bool
+    jitter_order: torch.Tensor  # [B, 4] the op (BRIGHTNESS, ...) each sample applies at each step
+    jitter_factors: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue (no-ops: no jitter)
+    gray: torch.Tensor  # [B] bool
     blur: torch.Tensor  # [B] bool
     blur_kernels: torch.Tensor  # [B, k]
     solarize: torch.Tensor  # [B] bool
@@ -265,19 +351,18 @@ def _draw_view_params(
     blur = _bernoulli(n, blur_prob, g)
     sigma = _uniform((n,), *_BLUR_SIGMA, g)
     solarize = _bernoulli(n, solarize_prob, g)
+    # Drawn last, so that the draws above are those of a pipeline without it.
+    order = _rand((n, 4), g).argsort(dim=1)  # a uniform random permutation per sample
 
-    # Samples without jitter get identity factors, so the whole batch runs the
-    # same ops and no sample is computed twice.
-    colour = (
-        _grayscale_matrix(gray)
-        @ _hue_matrix(torch.where(jitter, hue, 0.0))
-        @ _saturation_matrix(torch.where(jitter, saturation, 1.0))
-    )
+    # Samples without jitter get factors that change nothing, so the whole batch
+    # runs the same ops and no sample is computed twice.
+    factors = torch.stack([brightness, contrast, saturation, hue], dim=1)
     return _ViewParams(
         theta=_crop_flip_theta(boxes, flip, height, width),
-        brightness=torch.where(jitter, brightness, 1.0),
-        contrast=torch.where(jitter, contrast, 1.0),
-        colour=colour,
+        jitter=jitter,
+        jitter_order=order,
+        jitter_factors=torch.where(jitter.view(-1, 1), factors, _NO_JITTER),
+        gray=gray,
         blur=blur,
         blur_kernels=_gaussian_kernels(sigma, cfg.blur_kernel_size),
         solarize=solarize,
@@ -299,22 +384,42 @@ def _crop_flip_resize(images: torch.Tensor, theta: torch.Tensor, size: int) -> t
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return images.mul_(factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+def _mean_grey(images: torch.Tensor) -> torch.Tensor:
+    # Luma is linear, so the mean luma is the luma of the channel means; no grey image is needed.
+    return images.mean(dim=(2, 3)) @ _LUMA.to(images.device)
 
 
-def _adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    # As torchvision: blend with the image's mean grey level. Luma is linear, so
-    # the mean luma is the luma of the channel means; no grey image is needed.
-    mean = images.mean(dim=(2, 3)) @ _LUMA.to(images.device)
-    factor = factor.view(-1, 1, 1, 1)
-    return torch.addcmul(mean.view(-1, 1, 1, 1) * (1 - factor), images, factor).clamp_(0.0, 1.0)
-
-
-def _apply_colour_matrix(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+def _jitter_step(
+    images: torch.Tensor, matrix: torch.Tensor, contrast: torch.Tensor, blends: bool
+) -> torch.Tensor:
+    """One step of each sample's jitter order: ``matrix @ rgb``, plus contrast's
+    ``(1 - factor) * mean grey`` where ``blends``, clamped to [0, 1] as torchvision
+    clamps after every op. For brightness and contrast the matrix is the factor
+    times the identity; for saturation and hue, their colour matrices."""
     b, c, h, w = images.shape
-    out = torch.bmm(matrix, images.reshape(b, c, h * w)).view(b, c, h, w)
-    return out.clamp_(0.0, 1.0)
+    flat = images.reshape(b, c, h * w)
+    if blends:
+        offset = ((1 - contrast) * _mean_grey(images)).view(b, 1, 1)
+        out = torch.baddbmm(offset, matrix, flat)
+    else:
+        out = torch.bmm(matrix, flat)
+    return out.view(b, c, h, w).clamp_(0.0, 1.0)
+
+
+def _colour_jitter(
+    images: torch.Tensor, order: torch.Tensor, factors: torch.Tensor
+) -> torch.Tensor:
+    matrices, contrast = _jitter_steps(order, factors)  # on the CPU
+    device = images.device
+    for k in range(4):
+        blends = bool((contrast[k] != 1).any())  # a CPU tensor: no device sync
+        images = _jitter_step(images, matrices[k].to(device), contrast[k].to(device), blends)
+    return images
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    luma = torch.einsum("bchw,c->bhw", images, _LUMA.to(images.device))
+    return luma.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
 def _gaussian_blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -409,11 +514,9 @@ class TwoViewAugment:
 
         # A fresh tensor from here on: the in-place steps below never touch `unit`.
         x = _crop_flip_resize(unit, p.theta.to(device), cfg.image_size)
-        if cfg.jitter_prob > 0:
-            x = _adjust_brightness(x, p.brightness.to(device))
-            x = _adjust_contrast(x, p.contrast.to(device))
-        if cfg.jitter_prob > 0 or cfg.grayscale_prob > 0:
-            x = _apply_colour_matrix(x, p.colour.to(device))
+        if p.jitter.any():
+            x = _colour_jitter(x, p.jitter_order, p.jitter_factors)
+        x = _on_selected(x, p.gray, _grayscale)
         x = _on_selected(x, p.blur, _gaussian_blur, p.blur_kernels)
         x = _on_selected(x, p.solarize, _solarize)
         return _normalize_unit(x)

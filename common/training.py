@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.augment import AugmentConfig, TwoViewAugment
+from common.augment import TwoViewAugment
 from common.device import autocast
+from common.methods import method_type
 from common.methods.base import SSLMethod
 
 
@@ -32,9 +33,12 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 
 def augmenter(cfg) -> TwoViewAugment:
-    blur = (1.0, 0.1) if cfg.blur else (0.0, 0.0)
-    return TwoViewAugment(AugmentConfig(image_size=cfg.image_size, blur_probs=blur,
-                                        crop_scale=(cfg.crop_min_scale, 1.0)))
+    """The run's method's own two-view recipe at the run's image size. Of the run config,
+    `blur` (false: no blur in either view; true: the recipe's per-view probabilities) and
+    `crop-min-scale` (replaces the recipe's lower crop bound) override it; the rest is the
+    method's (ViewRecipe.at)."""
+    recipe = method_type(cfg.method).augmentation
+    return TwoViewAugment(recipe.at(cfg.image_size, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale))
 
 
 def step_settings(cfg) -> dict:
@@ -46,9 +50,13 @@ def step_settings(cfg) -> dict:
 
 def param_groups(method: SSLMethod, lr: float, predictor_lr_scale: float) -> list[dict]:
     """The trainable parameters at `lr`, the method's predictor at `predictor_lr_scale` x lr.
-    The predictor has to keep up with a projector that moves under it; SimSiam's authors
-    kept its learning rate from decaying for that reason. In these short runs a ten times
-    faster predictor learns more per image (docs/results.md)."""
+
+    `lr` is the round's rate (server/rounds.py's cosine schedule), so the predictor's rate
+    decays with it: a constant multiple, not a constant rate. The predictor has to keep up
+    with a projector that moves under it; in these short runs a ten times faster predictor
+    learns more per image (docs/results.md). SimSiam's authors answer the same need
+    differently: their predictor stays at the base rate, not decayed (`--fix-pred-lr`;
+    common/methods/simsiam.py)."""
     predictor, rest = [], []
     for name, param in method.named_parameters():
         if param.requires_grad:
@@ -86,8 +94,11 @@ def train_epochs(
     batch = min(batch_size, len(images))
     per_epoch = steps_per_epoch(len(images), batch)
     total = epochs * per_epoch
+    method.fit_to_data(per_epoch * batch)
     generator = torch.Generator().manual_seed(seed)
-    aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    # A CPU generator whatever the device: the same seed gives the same views on CPU and
+    # CUDA, and drawing the augmentation's parameters costs no device sync (common/augment.py).
+    aug_generator = torch.Generator().manual_seed(seed + 1)
     pin = device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
-from common.augment import MEAN, STD, AugmentConfig, TwoViewAugment, normalize
+from common.augment import (BRIGHTNESS, CONTRAST, MEAN, SATURATION, STD, AugmentConfig,
+                            TwoViewAugment, ViewRecipe, _draw_view_params, normalize)
 
 # Every random transform off, the crop covering the whole image: the identity.
 OFF = dict(
@@ -182,6 +186,88 @@ def test_jitter_changes_colours_of_about_jitter_prob_of_the_samples():
     assert 0.7 < changed.float().mean() < 0.9
 
 
+# Only brightness, contrast and saturation, always on: torchvision's functional ops are
+# then the reference (its hue is an HSV round trip, ours a YIQ rotation).
+JITTER_BCS = dict(OFF, jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0)
+_TORCHVISION_OP = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast,
+                   SATURATION: TF.adjust_saturation}
+
+
+def _jitter_as_torchvision(image: torch.Tensor, ops, factors) -> torch.Tensor:
+    for op in ops:
+        if op in _TORCHVISION_OP:
+            image = _TORCHVISION_OP[op](image, float(factors[op]))
+    return image
+
+
+def test_jitter_runs_each_samples_own_order_as_torchvision_ops_would():
+    cfg = AugmentConfig(image_size=32, **JITTER_BCS)
+    images = _images(64)
+    view, _ = TwoViewAugment(cfg)(images, _seeded(5))
+    # View 1 draws first from the generator, so the same seed gives its parameters.
+    params = _draw_view_params(cfg, 64, 32, 32, 0.0, 0.0, _seeded(5))
+    unit = images.float() / 255
+    got = _unnormalize(view)
+
+    brightness_first = []
+    for i in range(len(images)):
+        order = params.jitter_order[i].tolist()
+        factors = params.jitter_factors[i]
+        expected = _jitter_as_torchvision(unit[i], order, factors)
+        torch.testing.assert_close(got[i], expected, atol=2e-3, rtol=0)
+        # The same factors with brightness and contrast the other way round.
+        b, c = order.index(BRIGHTNESS), order.index(CONTRAST)
+        swapped = list(order)
+        swapped[b], swapped[c] = CONTRAST, BRIGHTNESS
+        other = _jitter_as_torchvision(unit[i], swapped, factors)
+        brightness_first.append((b < c, float((other - expected).abs().max())))
+
+    # Both orders occur, each often where the order changes the result (the clamp after
+    # brightness changes the mean grey that contrast blends toward), so the check above
+    # fails for a pipeline with one fixed order, whichever it is.
+    assert sum(first and gap > 0.02 for first, gap in brightness_first) >= 8
+    assert sum(not first and gap > 0.02 for first, gap in brightness_first) >= 8
+
+
+def test_all_24_jitter_orders_occur_in_a_batch():
+    cfg = AugmentConfig(image_size=32)
+    params = _draw_view_params(cfg, 400, 32, 32, 0.0, 0.0, _seeded(0))
+    assert sorted(params.jitter_order[0].tolist()) == [0, 1, 2, 3]  # a permutation of the ops
+    assert len(torch.unique(params.jitter_order, dim=0)) == 24
+
+
+def test_samples_without_jitter_keep_their_colours_exactly():
+    cfg = AugmentConfig(image_size=32, **{**OFF, "jitter_prob": 0.5, "hue": 0.1})
+    images = _images(64)
+    view, _ = TwoViewAugment(cfg)(images, _seeded(0))
+    params = _draw_view_params(cfg, 64, 32, 32, 0.0, 0.0, _seeded(0))
+    kept = ~params.jitter
+    assert kept.any() and params.jitter.any()
+    torch.testing.assert_close(view[kept], normalize(images)[kept], atol=1e-6, rtol=0)
+
+
+RECIPE = ViewRecipe(crop_scale=(0.2, 1.0), jitter_prob=0.8, brightness=0.4, contrast=0.4,
+                    saturation=0.4, hue=0.1, grayscale_prob=0.2, blur_probs=(0.5, 0.25),
+                    solarize_probs=(0.0, 0.1))
+
+
+def test_a_recipe_at_a_size_keeps_its_settings_and_takes_the_two_overrides():
+    cfg = RECIPE.at(48)
+    assert cfg.image_size == 48 and cfg.crop_scale == (0.2, 1.0)
+    assert (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) == (0.4, 0.4, 0.4, 0.1)
+    assert (cfg.jitter_prob, cfg.grayscale_prob, cfg.flip_prob) == (0.8, 0.2, 0.5)
+    assert cfg.blur_probs == (0.5, 0.25) and cfg.solarize_probs == (0.0, 0.1)
+    # `blur` false drops blur from both views, and only blur; crop-min-scale sets the low bound.
+    no_blur = RECIPE.at(48, blur=False, crop_min_scale=0.35)
+    assert no_blur.blur_probs == (0.0, 0.0) and no_blur.crop_scale == (0.35, 1.0)
+    assert dataclasses.replace(no_blur, blur_probs=cfg.blur_probs, crop_scale=cfg.crop_scale) == cfg
+
+
+def test_a_bad_recipe_is_rejected_with_its_key():
+    with pytest.raises(ValueError, match="solarize_probs"):
+        dataclasses.replace(RECIPE, solarize_probs=(0.0, 1.5))
+
+
 def test_batch_of_one():
     view1, view2 = TwoViewAugment(AugmentConfig(image_size=32))(_images(1), _seeded(0))
     assert view1.shape == view2.shape == (1, 3, 32, 32)
@@ -221,6 +307,38 @@ def test_bad_config_is_rejected_with_its_key(bad):
 def test_rejects_non_uint8_images():
     with pytest.raises(ValueError, match="uint8"):
         TwoViewAugment(AugmentConfig(image_size=32))(torch.rand(2, 3, 32, 32))
+
+
+class _RecordingAugment(TwoViewAugment):
+    """The real augmentation, keeping the first batch's views it made."""
+
+    views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, images, generator=None):
+        views = super().__call__(images, generator)
+        if self.views is None:
+            self.views = tuple(v.detach().cpu() for v in views)
+        return views
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_makes_the_views_it_makes_on_cpu_for_a_seed():
+    # train_epochs draws augmentation from a CPU generator: the seed fixes the views on
+    # any device (a CUDA generator draws another stream).
+    from common.config import RunConfig
+    from common.methods import build_method
+    from common.training import train_epochs
+
+    images = _images(16)
+    recorded = []
+    for device in ("cpu", "cuda"):
+        augment = _RecordingAugment(AugmentConfig(image_size=32))
+        method = build_method(RunConfig(method="simclr", proj_dim=16, hidden_dim=32))
+        train_epochs(method, images, augment, epochs=1, batch_size=8, lr=0.01, momentum=0.9,
+                     weight_decay=0.0, device=torch.device(device), amp=False, seed=3)
+        recorded.append(augment.views)
+    for a, b in zip(*recorded):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

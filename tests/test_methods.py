@@ -1,16 +1,18 @@
 """Losses, EMA, schedules and the shared/local split of each SSL method."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from common.augment import MEAN, STD, TwoViewAugment, normalize
 from common.config import RunConfig
 from common.ema import ema_
 from common.methods import METHODS, build_method
-from common.methods.byol import byol_loss
+from common.methods.byol import BYOL, byol_loss
 from common.methods.simsiam import simsiam_loss
 from common.schedules import byol_tau, cosine
-from common.training import param_groups
+from common.training import augmenter, param_groups
 
 
 def small(method: str) -> RunConfig:
@@ -117,3 +119,75 @@ def test_the_predictor_trains_at_its_own_learning_rate(name, has_predictor):
         assert not predictor & {id(p) for p in groups[0]["params"]}
     else:
         assert len(groups) == 1
+
+
+def test_the_predictor_rate_decays_with_the_rounds_rate():
+    # A constant multiple of the round's (cosine-decayed) rate, not SimSiam's constant rate.
+    method = build_method(RunConfig(method="simsiam", proj_dim=16, hidden_dim=32))
+    for round_lr in (cosine(0.0, 0.05, 0.0), cosine(0.9, 0.05, 0.0)):
+        assert math.isclose(param_groups(method, round_lr, 10.0)[1]["lr"], 10.0 * round_lr)
+
+
+# --- each method's augmentation ----------------------------------------------------------
+
+# (crop scale, jitter p, brightness, contrast, saturation, hue, grayscale p, blur per view,
+# solarize per view), from the papers and the authors' code (sources in each module).
+PAPER_RECIPES = {
+    "byol": ((0.08, 1.0), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, (1.0, 0.1), (0.0, 0.2)),  # Table 6
+    "simsiam": ((0.2, 1.0), 0.8, 0.4, 0.4, 0.4, 0.1, 0.2, (0.5, 0.5), (0.0, 0.0)),  # main_simsiam.py
+    "simclr": ((0.08, 1.0), 0.8, 0.8, 0.8, 0.8, 0.2, 0.2, (0.5, 0.5), (0.0, 0.0)),  # s = 1, appendix A
+    "mocov2": ((0.2, 1.0), 0.8, 0.4, 0.4, 0.4, 0.1, 0.2, (0.5, 0.5), (0.0, 0.0)),  # main_moco.py aug+
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_declares_its_papers_augmentation(name):
+    r = METHODS[name].augmentation
+    got = (r.crop_scale, r.jitter_prob, r.brightness, r.contrast, r.saturation, r.hue,
+           r.grayscale_prob, r.blur_probs, r.solarize_probs)
+    assert got == PAPER_RECIPES[name]
+    assert r.flip_prob == 0.5
+    assert build_method(small(name)).augmentation is r  # what the built method declares
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("blur", [False, True])
+def test_the_run_augments_with_its_methods_recipe_under_blur_and_crop_min_scale(name, blur):
+    recipe = METHODS[name].augmentation
+    cfg = augmenter(RunConfig(method=name, image_size=40, blur=blur, crop_min_scale=0.3)).cfg
+    assert cfg.image_size == 40 and cfg.crop_scale == (0.3, 1.0)  # crop-min-scale overrides
+    assert cfg.blur_probs == (recipe.blur_probs if blur else (0.0, 0.0))  # blur: on or off
+    assert (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) == (
+        recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
+    assert cfg.solarize_probs == recipe.solarize_probs
+
+
+def _blurred_and_solarized(recipe, images: torch.Tensor, seed: int):
+    """Per view, which samples were blurred and which solarized, with every other
+    transform of the recipe off: an unblurred view is the image or its solarized copy
+    exactly, and a solarized one has no pixel above 0.5."""
+    cfg = dataclasses.replace(recipe.at(32), crop_scale=(1.0, 1.0), flip_prob=0.0,
+                              jitter_prob=0.0, grayscale_prob=0.0)
+    unit = images.float() / 255
+    solarized_images = normalize((torch.minimum(unit, 1 - unit) * 255).round().to(torch.uint8))
+    out = []
+    for view in TwoViewAugment(cfg)(images, torch.Generator().manual_seed(seed)):
+        plain = (view - normalize(images)).flatten(1).abs().amax(dim=1) < 1e-5
+        only_solarized = (view - solarized_images).flatten(1).abs().amax(dim=1) < 1e-2
+        pixels = view * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        solarized = pixels.flatten(1).amax(dim=1) <= 0.5 + 1e-4
+        out.append(((~(plain | only_solarized)).float().mean().item(), solarized.float().mean().item()))
+    return out
+
+
+def test_byols_two_views_differ_in_blur_and_solarize_as_its_paper_specifies():
+    images = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    # A blur whose sigma is drawn near 0.1 changes nothing measurable (about 5% of them at
+    # 32 px), so a view blurred with probability p shows about 0.95 p blurred samples.
+    (blur1, solar1), (blur2, solar2) = _blurred_and_solarized(BYOL.augmentation, images, 0)
+    assert blur1 > 0.9 and solar1 == 0.0  # view 1: always blurred, never solarized
+    assert 0.06 < blur2 < 0.13 and 0.16 < solar2 < 0.24  # view 2: 10% and 20%
+    # A symmetric recipe, for contrast: the views have the same statistics.
+    (b1, s1), (b2, s2) = _blurred_and_solarized(METHODS["mocov2"].augmentation, images, 0)
+    assert 0.41 < b1 < 0.54 and 0.41 < b2 < 0.54 and s1 == s2 == 0.0

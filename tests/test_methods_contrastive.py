@@ -1,5 +1,6 @@
 """SimCLR and MoCo v2: their losses on hand-made vectors, MoCo's queue and key networks,
 the shared/local split, and a few real steps through the clients' training loop."""
+import logging
 import math
 
 import pytest
@@ -154,6 +155,60 @@ def test_init_local_rebuilds_key_networks_and_queue():
     assert torch.equal(method.queue, fresh_queue) and int(method.queue_ptr) == 0
     for k, q in zip(method.key_encoder.state_dict().values(), method.encoder.state_dict().values()):
         assert torch.equal(k, q)
+
+
+@pytest.fixture
+def fedssl_log(caplog):
+    """caplog, also when the fedssl logger does not propagate (common/logs.py)."""
+    logger = logging.getLogger("fedssl")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="fedssl")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def _train_tiny(method, num_images: int, epochs: int):
+    """The clients' training loop over a site of `num_images` 2x2 images, batch 8."""
+    images = torch.randint(0, 256, (num_images, 3, 2, 2), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    augment = TwoViewAugment(AugmentConfig(image_size=2, blur_probs=(0.0, 0.0)))
+    return train_epochs(method, images, augment, epochs=epochs, batch_size=8, lr=0.05,
+                        momentum=0.9, weight_decay=5e-4, device=torch.device("cpu"), amp=False)
+
+
+def test_a_queue_longer_than_an_epoch_of_keys_is_capped_with_a_warning(fedssl_log):
+    # 24 images, batch 8: 3 steps of 2 x 8 keys, 48 keys an epoch, against a queue of 80.
+    method = tiny_moco(queue_size=80)
+    unused = method.queue[48:].clone()
+    _train_tiny(method, 24, epochs=2)
+    assert method.capacity == 48
+    assert int(method.queue_ptr) == (2 * 48) % 48  # wrapped at the cap, not at 80
+    assert torch.equal(method.queue[48:], unused)  # beyond the cap: never a negative, never written
+    assert "moco-queue-size 80 capped to 48" in fedssl_log.text
+    assert "2 views x 24 images" in fedssl_log.text
+
+
+def test_a_queue_within_an_epoch_of_keys_is_used_whole_and_logs_nothing(fedssl_log):
+    method = tiny_moco(queue_size=40)
+    _train_tiny(method, 24, epochs=1)
+    assert method.capacity == 40 and int(method.queue_ptr) == 48 % 40
+    assert "capped" not in fedssl_log.text
+
+
+def test_a_capped_queue_gives_only_its_first_entries_as_negatives():
+    method = tiny_moco(queue_size=16)
+    method.fit_to_data(images_per_epoch=5)  # 10 keys an epoch
+    views = torch.randn(3, 3, 2, 2), torch.randn(3, 3, 2, 2)
+    with torch.no_grad():
+        q1, q2 = method.projector(method.encoder(torch.cat(views))).chunk(2)
+        k1, k2 = method.key_projector(method.key_encoder(torch.cat(views))).chunk(2)
+        negatives = method.queue[:10]
+        expected = (moco_loss(q1, k2, negatives, method.temperature)
+                    + moco_loss(q2, k1, negatives, method.temperature)) / 2
+        assert method(*views).item() == pytest.approx(expected.item(), abs=1e-6)
+    method.enqueue(torch.randn(6, 4))
+    method.enqueue(torch.randn(6, 4))  # slots 6..9, then 0, 1
+    assert int(method.queue_ptr) == 2
 
 
 # --- shared / local ----------------------------------------------------------------------

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.augment import ViewRecipe
+
 
 @dataclass(frozen=True)
 class HeadSizes:
@@ -18,13 +20,23 @@ class SSLMethod(nn.Module):
 
     `shared_prefixes` name the state_dict entries the server aggregates; every other entry
     (a BYOL target, a MoCo queue) is local state that stays on the client between rounds.
-    `encoder` is the backbone that is evaluated and exported.
+    `encoder` is the backbone that is evaluated and exported. `augmentation` is the
+    method's two-view recipe from its paper (common/training.py's `augmenter` builds the
+    run's views from it), so the training loop never asks which method it trains.
     """
 
     shared_prefixes: tuple[str, ...] = ()
-    # trained at the run's predictor-lr-scale x lr (common/training.py)
+    # Trained at predictor-lr-scale x the round's lr, so it decays with the schedule as
+    # every other group does (common/training.py's param_groups).
     predictor_prefixes: tuple[str, ...] = ()
+    augmentation: ViewRecipe
     encoder: nn.Module
+
+    @classmethod
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> SSLMethod:
+        """The method with the run config's settings for it (each field it reads must be in
+        common.methods.MODEL_FIELDS)."""
+        raise NotImplementedError
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         """The loss for a batch of paired views."""
@@ -32,6 +44,10 @@ class SSLMethod(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Update non-gradient state; `progress` in [0, 1] over the whole federated run."""
+
+    def fit_to_data(self, images_per_epoch: int) -> None:
+        """Adapt local state to how many images an epoch at this site passes through;
+        train_epochs calls it before training (MoCo v2 caps its queue by it)."""
 
     def init_local(self) -> None:
         """Build local state from the shared networks, for a client that has none yet."""

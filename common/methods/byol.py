@@ -1,11 +1,22 @@
 """BYOL (Grill et al., 2020). FedBYOL shares the online encoder, projector and predictor;
-the EMA target stays on the client (Zhuang et al., 2021)."""
+the EMA target stays on the client (Zhuang et al., 2021).
+
+Augmentation: the paper's Table 6, asymmetric between the views: crop scale (0.08, 1),
+flip 0.5, colour jitter p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in
+random order), grayscale 0.2, gaussian blur 1.0 / 0.1, solarize 0.0 / 0.2. The same numbers
+as lightly's BYOLView1Transform / BYOLView2Transform; solo-learn's CIFAR config
+(scripts/pretrain/cifar/augmentations/asymmetric.yaml) drops the blur at 32 px, as
+fedssl's `blur` key does by default.
+
+The predictor trains at predictor-lr-scale x the round's learning rate (common/training.py).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.augment import ViewRecipe
 from common.ema import ema_
 from common.heads import mlp
 from common.methods.base import HeadSizes, SSLMethod, frozen_copy
@@ -21,6 +32,10 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class BYOL(SSLMethod):
     shared_prefixes = ("encoder.", "projector.", "predictor.")
     predictor_prefixes = ("predictor.",)
+    augmentation = ViewRecipe(
+        crop_scale=(0.08, 1.0), jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+        hue=0.1, grayscale_prob=0.2, blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2),
+    )
 
     def __init__(self, encoder: nn.Module, feature_dim: int, heads: HeadSizes, base_tau: float = 0.99):
         super().__init__()
@@ -30,6 +45,10 @@ class BYOL(SSLMethod):
         self.target_encoder = frozen_copy(encoder)
         self.target_projector = frozen_copy(self.projector)
         self.base_tau = base_tau
+
+    @classmethod
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> BYOL:
+        return cls(encoder, feature_dim, heads, base_tau=cfg.byol_tau)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         # Both views in one batch: one pass per network instead of two.

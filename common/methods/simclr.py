@@ -1,11 +1,22 @@
 """SimCLR (Chen et al., 2020): the other view of the same image is the positive, the other
-2N - 2 views in the batch are the negatives. Every network is shared, nothing stays local."""
+2N - 2 views in the batch are the negatives. Every network is shared, nothing stays local.
+
+Augmentation: the paper's (appendix A), the same for both views: crop scale (0.08, 1),
+flip 0.5, colour distortion of strength s = 1 (jitter p 0.8 with brightness, contrast and
+saturation 0.8 s and hue 0.2 s, in random order; grayscale 0.2), gaussian blur 0.5 at
+ImageNet size, no solarize. The same numbers as lightly's SimCLRTransform and solo-learn's
+CIFAR config (scripts/pretrain/cifar/augmentations/symmetric.yaml). The authors' own
+CIFAR-10 command (google-research/simclr README) lowers the strength to s = 0.5 and turns
+blur off; fedssl keeps s = 1 (COLOUR_STRENGTH) and leaves blur to its `blur` key (default
+off).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.augment import ViewRecipe
 from common.heads import mlp
 from common.methods.base import HeadSizes, SSLMethod
 
@@ -24,14 +35,26 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
         return F.cross_entropy(logits, pairs)
 
 
+COLOUR_STRENGTH = 1.0
+
+
 class SimCLR(SSLMethod):
     shared_prefixes = ("encoder.", "projector.")
+    augmentation = ViewRecipe(
+        crop_scale=(0.08, 1.0), jitter_prob=0.8, brightness=0.8 * COLOUR_STRENGTH,
+        contrast=0.8 * COLOUR_STRENGTH, saturation=0.8 * COLOUR_STRENGTH, hue=0.2 * COLOUR_STRENGTH,
+        grayscale_prob=0.2, blur_probs=(0.5, 0.5), solarize_probs=(0.0, 0.0),
+    )
 
     def __init__(self, encoder: nn.Module, feature_dim: int, heads: HeadSizes, temperature: float = 0.2):
         super().__init__()
         self.encoder = encoder
         self.projector = mlp(feature_dim, heads.hidden_dim, heads.proj_dim)
         self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> SimCLR:
+        return cls(encoder, feature_dim, heads, temperature=cfg.simclr_temperature)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         # Both views in one batch: one pass, and BatchNorm normalises over all 2N views.
