@@ -24,15 +24,17 @@ from common.datasets import load_eval_split, load_images  # noqa: E402
 from common.device import cpu_has_native_bf16, set_threads  # noqa: E402
 from common.evaluation import collapse_std, embed, knn_top1  # noqa: E402
 from common.methods import build_method  # noqa: E402
-from common.training import augmenter, train_epochs  # noqa: E402
+from common.training import StepSettings, augmenter, train_epochs  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
 def _train(method, cfg: RunConfig, images: torch.Tensor, seed: int = 0, **progress):
-    return train_epochs(method, images, augmenter(cfg), epochs=1, batch_size=cfg.batch_size,
-                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                        device=CPU, seed=seed, amp=cfg.amp, **progress)
+    # The predictor at the base rate (scale 1), as this comparison was measured.
+    settings = StepSettings(batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay, amp=cfg.amp)
+    return train_epochs(method, images, augmenter(cfg), epochs=1, settings=settings,
+                        device=CPU, seed=seed, **progress)
 
 
 def speed(args) -> None:

@@ -45,7 +45,7 @@ from common.config import RunConfig  # noqa: E402
 from common.datasets import load_images  # noqa: E402
 from common.device import select_device, set_threads  # noqa: E402
 from common.methods import build_method  # noqa: E402
-from common.training import augmenter, step_settings, train_epochs  # noqa: E402
+from common.training import StepSettings, augmenter, train_epochs  # noqa: E402
 from process_memory import TreePeak, current_rss, peak_rss, reset_peak_rss  # noqa: E402
 
 TARGETS = {"vs_lightly": 1.5, "vs_model_only": 0.85, "overhead": 1.15, "scale_gb": 4.0,
@@ -85,7 +85,7 @@ def _ours(cfg, images, device, augment=None):
     method = build_method(cfg)
     method.init_local()
     return train_epochs(method, images, augment or augmenter(cfg), epochs=1, device=device,
-                        **step_settings(cfg))
+                        settings=StepSettings.from_config(cfg))
 
 
 def _model_only(cfg, images, device):

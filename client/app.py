@@ -18,9 +18,10 @@ from client.transfer import transfer_mod
 from common.config import RunConfig
 from common.device import select_device, set_threads
 from common.global_updates import METRIC_PREFIX, Rule, rule_for
-from common.methods import MODEL_FIELDS, build_method
+from common.methods import build_method
 from common.records import from_record, to_record
-from common.training import augmenter, step_settings, steps_per_epoch, train_epochs
+from common.schedules import round_lr
+from common.training import StepSettings, augmenter, steps_per_epoch, train_epochs
 
 log = logging.getLogger("fedssl")
 LOCAL_STATE_KEY = "fedssl-local"
@@ -34,18 +35,21 @@ app = ClientApp()
 
 
 def round_config(sent: Mapping) -> tuple[RunConfig, int]:
-    """The server sends the whole (validated) run config with each round, so a site cannot
-    train with settings that differ from the server's."""
+    """The server sends the whole (validated) run config with each round, unchanged, so a
+    site cannot train with settings that differ from the server's; Flower adds the round
+    number, from which the client computes the round's schedules."""
     config = dict(sent)
     server_round = int(config.pop("server-round", 1))
     return RunConfig.from_mapping(config, ignore_unknown=True), server_round
 
 
 @functools.lru_cache(maxsize=1)
-def _method_for(model: tuple):
-    # Reused across rounds in a long-lived process (simulation actors); every round loads
-    # all of its state, so nothing leaks from one client or round into the next.
-    return build_method(RunConfig(**dict(zip(MODEL_FIELDS, model))))
+def built_method(cfg: RunConfig):
+    """The run's method, built once per run config: the config is the same every round of a
+    run, so a long-lived process (simulation actors) reuses it across rounds and clients;
+    every round loads all of its state, so nothing leaks from one client or round into the
+    next."""
+    return build_method(cfg)
 
 
 def _train_seed(seed: int, server_round: int, context: Context) -> int:
@@ -113,7 +117,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
     device = select_device(str(context.node_config.get("device", cfg.device)))
     data = local_images(cfg, context.node_config)
 
-    method = _method_for(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
+    method = built_method(cfg)
     store = state_store(context, cfg.client_state_dir)
     rule, decided_by, started_from = enter_global(cfg, method, global_arrays, context, store, server_round)
     rebuilt = restore_local_state(method, store, server_round, fresh=rule.resets_local_state(decided_by))
@@ -126,7 +130,8 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
         method, data.images, augmenter(cfg), epochs=cfg.local_epochs, device=device,
         progress_start=(server_round - 1) * per_round / total,
         progress_end=server_round * per_round / total,
-        seed=_train_seed(cfg.seed, server_round, context), **step_settings(cfg),
+        seed=_train_seed(cfg.seed, server_round, context),
+        settings=StepSettings.from_config(cfg, lr=round_lr(server_round, cfg.num_rounds, cfg.lr)),
     )
     method.cpu()
     local_state = method.local_state()

@@ -14,3 +14,10 @@ def cosine(progress: float, start: float, end: float) -> float:
 def byol_tau(progress: float, base_tau: float = 0.99) -> float:
     """BYOL's target momentum: tau = 1 - (1 - base)(cos(pi k/K) + 1)/2, rising to 1."""
     return cosine(progress, base_tau, 1.0)
+
+
+def round_lr(server_round: int, num_rounds: int, base_lr: float) -> float:
+    """The learning rate of round `server_round` (1-based) of `num_rounds`: a cosine from
+    `base_lr` in round 1 toward 0, which it would reach only after the last round, so the
+    last round still learns. The centralized baseline reads an epoch as a round."""
+    return cosine((server_round - 1) / num_rounds, base_lr, 0.0)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from common.augment import TwoViewAugment
+from common.config import RunConfig
 from common.device import autocast
 from common.methods import method_type
 from common.methods.base import SSLMethod
@@ -41,17 +42,29 @@ def augmenter(cfg) -> TwoViewAugment:
     return TwoViewAugment(recipe.at(cfg.image_size, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale))
 
 
-def step_settings(cfg) -> dict:
-    """train_epochs' batch, optimizer and precision settings as the run config gives them,
-    so every caller that trains as a client does passes the same ones."""
-    return {"batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "amp": cfg.amp, "predictor_lr_scale": cfg.predictor_lr_scale}
+@dataclass(frozen=True)
+class StepSettings:
+    """train_epochs' batch, optimizer and precision settings. `lr` is the rate these steps
+    train at: a round's (common.schedules.round_lr), not the run's base rate."""
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    amp: bool = True
+    predictor_lr_scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, lr: float | None = None) -> StepSettings:
+        """The run config's settings, at `lr` if given (else its base rate), so every caller
+        that trains as a client does passes the same ones."""
+        return cls(batch_size=cfg.batch_size, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                   weight_decay=cfg.weight_decay, amp=cfg.amp, predictor_lr_scale=cfg.predictor_lr_scale)
 
 
 def param_groups(method: SSLMethod, lr: float, predictor_lr_scale: float) -> list[dict]:
     """The trainable parameters at `lr`, the method's predictor at `predictor_lr_scale` x lr.
 
-    `lr` is the round's rate (server/rounds.py's cosine schedule), so the predictor's rate
+    `lr` is the round's rate (common.schedules.round_lr's cosine), so the predictor's rate
     decays with it: a constant multiple, not a constant rate. The predictor has to keep up
     with a projector that moves under it; in these short runs a ten times faster predictor
     learns more per image (docs/results.md). SimSiam's authors answer the same need
@@ -72,26 +85,22 @@ def train_epochs(
     images: torch.Tensor,
     augment: TwoViewAugment,
     *,
+    settings: StepSettings,
     epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
     device: torch.device,
     progress_start: float = 0.0,
     progress_end: float = 1.0,
-    amp: bool = True,
     seed: int = 0,
-    predictor_lr_scale: float = 1.0,
 ) -> TrainResult:
     """Train `method` for `epochs` over `images` (uint8 [N,3,H,W]); `progress_*` place these
     steps within the whole run for schedules such as BYOL's target momentum."""
     if len(images) < 2:
         raise ValueError(f"need at least 2 images to train, got {len(images)}")
     method.to(device).train()
-    optimizer = torch.optim.SGD(param_groups(method, lr, predictor_lr_scale), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
-    batch = min(batch_size, len(images))
+    lr = settings.lr
+    optimizer = torch.optim.SGD(param_groups(method, lr, settings.predictor_lr_scale), lr=lr,
+                                momentum=settings.momentum, weight_decay=settings.weight_decay)
+    batch = min(settings.batch_size, len(images))
     per_epoch = steps_per_epoch(len(images), batch)
     total = epochs * per_epoch
     method.fit_to_data(per_epoch * batch)
@@ -110,7 +119,7 @@ def train_epochs(
             if pin:
                 chunk = chunk.pin_memory()
             view1, view2 = augment(chunk.to(device, non_blocking=True), aug_generator)
-            with autocast(device, amp, method.encoder):
+            with autocast(device, settings.amp, method.encoder):
                 loss = method(view1, view2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

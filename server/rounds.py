@@ -1,7 +1,8 @@
-"""What every fedssl strategy adds to its Flower strategy: the round's learning rate in
-the train config, screening of every train reply before aggregation, a record of which
-clients were accepted or rejected and why, and the round offset and server state that
-let a run resume from a checkpoint."""
+"""What every fedssl strategy adds to its Flower strategy: the run config sent unchanged
+each round (clients compute the round's schedules from its number: common/schedules.py),
+screening of every train reply before aggregation, a record of which clients were accepted
+or rejected and why, and the round offset and server state that let a run resume from a
+checkpoint."""
 from __future__ import annotations
 
 import logging
@@ -13,20 +14,11 @@ from flwr.serverapp import Grid
 
 from common.global_updates import METRIC_PREFIX
 from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
-from common.schedules import cosine
 from server.mean import WeightedMean
 from server.nodes import RegisteredOrder, registration_order, wait_for_nodes
 from server.validation import as_numpy, screen, spec_of
 
 log = logging.getLogger("fedssl")
-
-
-def scheduled_config(config, server_round: int, base_lr: float, num_rounds: int) -> ConfigRecord:
-    """The round's train config: the run config plus the round's learning rate, a cosine
-    decay over rounds ending just above 0 so the last round still learns."""
-    round_config = ConfigRecord(dict(config))
-    round_config["lr"] = cosine((server_round - 1) / num_rounds, base_lr, 0.0)
-    return round_config
 
 
 def client_rules(replies: list[Message]) -> dict[str, dict[str, float]]:
@@ -64,8 +56,6 @@ class SSLRounds:
     streams_mean = False
 
     def setup_rounds(self, cfg) -> None:
-        self.base_lr = cfg.lr
-        self.num_rounds = cfg.num_rounds
         self.min_valid = cfg.min_train_clients
         self.max_norm_ratio = cfg.max_update_norm_ratio
         self.round_timeout = cfg.round_timeout
@@ -84,7 +74,8 @@ class SSLRounds:
 
     def resume_after(self, completed_round: int) -> None:
         """Flower's start() always counts rounds from 1; shift them so a resumed run sends
-        and records the true round numbers (and the schedule continues where it stopped)."""
+        and records the true round numbers (and the clients' schedules continue where they
+        stopped)."""
         self.round_offset = completed_round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -98,7 +89,8 @@ class SSLRounds:
         if self._spec is None:
             self._spec = spec_of(self._global)
             self._float_keys = [k for k, (_, dtype) in self._spec.items() if dtype.kind == "f"]
-        round_config = scheduled_config(config, server_round, self.base_lr, self.num_rounds)
+        # A copy each round: Flower writes the round number into the record it is given.
+        round_config = ConfigRecord(dict(config))
         self._rank = {node: rank for rank, node in enumerate(registration_order(grid))}
         messages = list(super().configure_train(server_round, arrays, round_config, RegisteredOrder(grid)))
         # Narrowed only in the messages: Flower's strategy (FedAdam's current arrays) and the

@@ -26,7 +26,6 @@ from flwr.serverapp import Grid
 from common.config import ConfigError
 from common.secure_update import SHARED_KEYS, summed_keys
 from server.nodes import wait_for_nodes
-from server.rounds import scheduled_config
 from server.validation import refuse_per_update_settings
 
 log = logging.getLogger("fedssl")
@@ -129,7 +128,7 @@ class SecureRounds(Strategy):
         self.global_arrays = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
         wanted = max(int(client_manager.num_available() * cfg.fraction_train), cfg.min_train_clients)
         clients = client_manager.sample(num_clients=wanted, min_num_clients=cfg.min_train_clients)
-        config = scheduled_config(self.train_config, server_round, cfg.lr, cfg.num_rounds)
+        config = ConfigRecord(dict(self.train_config))  # the run config, unchanged
         config["server-round"] = server_round
         config[SHARED_KEYS] = ",".join(self.keys)
         # Replaced by aggregate_fit; stays when the protocol halts before it (too few sites

@@ -327,15 +327,15 @@ def test_training_on_cuda_makes_the_views_it_makes_on_cpu_for_a_seed():
     # any device (a CUDA generator draws another stream).
     from common.config import RunConfig
     from common.methods import build_method
-    from common.training import train_epochs
+    from common.training import StepSettings, train_epochs
 
     images = _images(16)
     recorded = []
     for device in ("cpu", "cuda"):
         augment = _RecordingAugment(AugmentConfig(image_size=32))
         method = build_method(RunConfig(method="simclr", proj_dim=16, hidden_dim=32))
-        train_epochs(method, images, augment, epochs=1, batch_size=8, lr=0.01, momentum=0.9,
-                     weight_decay=0.0, device=torch.device(device), amp=False, seed=3)
+        train_epochs(method, images, augment, epochs=1, device=torch.device(device), seed=3,
+                     settings=StepSettings(batch_size=8, lr=0.01, momentum=0.9, weight_decay=0.0, amp=False))
         recorded.append(augment.views)
     for a, b in zip(*recorded):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)

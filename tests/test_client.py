@@ -124,3 +124,22 @@ def test_a_simulated_client_keeps_its_state_under_the_run_configs_state_dir(smal
     cfg = fast_config(small_image_folder, tmp_path, client_state_dir=str(tmp_path / "state"))
     client_app(train_message(cfg, 1), context({"partition-id": 1, "num-partitions": 2}))
     assert (tmp_path / "state" / "run-1" / "client-1" / f"{LOCAL_STATE_KEY}.safetensors").is_file()
+
+
+def test_the_rounds_of_one_run_reuse_the_built_method_and_another_model_builds_anew(
+        small_image_folder, tmp_path, monkeypatch):
+    import client.app
+
+    builds, real = [], client.app.build_method
+    monkeypatch.setattr(client.app, "build_method", lambda cfg: builds.append(cfg) or real(cfg))
+    client.app.built_method.cache_clear()
+    cfg = fast_config(small_image_folder, tmp_path)
+    ctx = context({"partition-id": 0, "num-partitions": 2})
+    for server_round in (1, 2):  # each round's config arrives as a new record
+        assert not client_app(train_message(cfg, server_round), ctx).has_error()
+    assert len(builds) == 1
+
+    other = cfg.replace(proj_dim=16)
+    assert not client_app(train_message(other, 1), context({"partition-id": 0, "num-partitions": 2})).has_error()
+    assert builds == [cfg, other]
+    assert client.app.built_method(other).projector[-1].out_features == 16

@@ -10,7 +10,7 @@ from common.datasets import load_eval_split, load_images
 from common.device import set_threads
 from common.evaluation import embed, knn_top1
 from common.methods import build_method
-from common.training import augmenter, step_settings, train_epochs
+from common.training import StepSettings, augmenter, train_epochs
 from conftest import cifar10_path
 
 # Measured with these settings: synthetic 0.319 -> 0.356, CIFAR-10 0.250 -> 0.286 (seed 0).
@@ -34,7 +34,7 @@ def _gain(cfg: RunConfig, train_count: int, eval_count: int, epochs: int) -> tup
     method.init_local()
     before = _knn(method, bank, query)
     train_epochs(method, train.images, augmenter(cfg), epochs=epochs, device=torch.device("cpu"),
-                 **step_settings(cfg))
+                 settings=StepSettings.from_config(cfg))
     return before, _knn(method, bank, query)
 
 

@@ -11,11 +11,6 @@ from common.methods.simsiam import SimSiam
 METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simsiam": SimSiam, "simclr": SimCLR, "mocov2": MoCoV2}
 
 
-# Every RunConfig field build_method reads: the client caches the built method by them.
-MODEL_FIELDS = ("method", "encoder", "image_size", "proj_dim", "hidden_dim", "byol_tau",
-                "simclr_temperature", "moco_temperature", "moco_queue_size", "moco_tau", "seed")
-
-
 def method_type(name: str) -> type[SSLMethod]:
     """The method class registered under `name`, for what it declares (its augmentation)."""
     if name not in METHODS:

@@ -34,8 +34,7 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> SSLMethod:
-        """The method with the run config's settings for it (each field it reads must be in
-        common.methods.MODEL_FIELDS)."""
+        """The method with the run config's settings for it."""
         raise NotImplementedError
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

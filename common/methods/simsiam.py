@@ -8,7 +8,7 @@ numbers). The paper's CIFAR setting (appendix D: 32x32, "we do not use blur
 augmentation") is what fedssl's `blur` key, default false, gives at 32 px.
 
 Predictor learning rate: here predictor-lr-scale (10) x the round's learning rate, so it
-decays with the server's cosine schedule like every other parameter. The paper differs:
+decays with the run's cosine schedule like every other parameter. The paper differs:
 its Table 1 reports the predictor with the decayed lr (67.7) and with a constant, not
 decayed lr (68.1, row c), and the authors' code runs the latter by default
 (`--fix-pred-lr`: the predictor stays at the base lr, without any scale). fedssl's
