@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# common.datasets.IMAGE_EXTENSIONS, repeated so that this wrapper starts without importing
+# common.folders.IMAGE_EXTENSIONS, repeated so that this wrapper starts without importing
 # torch (tests/test_deployment.py keeps the two equal)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.datasets import evaluation_source, load_eval_split
+from common.datasets import load_eval_split
+from common.eval_split import evaluation_source
 from common.evaluation import collapse_std, embed, knn_top1, linear_probe, nonfinite_rows
 from common.logs import get_logger
 from common.methods.base import SSLMethod

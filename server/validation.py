@@ -4,8 +4,6 @@ makes Flower's aggregation raise for the whole round. So every reply is screened
 first and a rejected one carries a one-line reason for metrics.jsonl and the log."""
 from __future__ import annotations
 
-import functools
-import io
 import math
 import statistics
 from collections import Counter
@@ -13,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
-from flwr.common.constant import SType
+from flwr.app import Message
 
-from common.config import ConfigError
 from server.mean import BlockWalker, WeightedMean
+from server.npy_view import as_numpy
 
 WEIGHT_KEY = "num-examples"
 # Every array key is named when few differ; a reason stays one readable line otherwise.
@@ -28,37 +25,6 @@ Spec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
 def spec_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
-
-
-def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Read-only views of the record's bytes: Flower's `Array.numpy()` copies every array out
-    of them, and the server reads a round's replies only to screen and sum them."""
-    return {k: _view(v) for k, v in record.items()}
-
-
-def _view(array: Array) -> np.ndarray:
-    if array.stype != SType.NUMPY:
-        return array.numpy()  # raises, naming the serialization it cannot read
-    data = array.data
-    # .npy: 6-byte magic, 2 version bytes, the header's length (2 bytes in version 1, 4 after)
-    length_bytes = 2 if data[6:7] == b"\x01" else 4
-    offset = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], "little")
-    shape, fortran_order, dtype = _npy_header(bytes(data[:offset]))
-    elements = np.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
-    return elements.reshape(shape, order="F" if fortran_order else "C")
-
-
-@functools.lru_cache(maxsize=4096)
-def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """Parsed once per distinct header: a model's arrays repeat theirs in every reply, and
-    parsing (a Python literal) costs more than reading the array in place."""
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read(stream)
-    if dtype.hasobject:  # never unpickled, as np.load(allow_pickle=False) refuses it too
-        raise ValueError(f"array of Python objects ({dtype})")
-    return shape, fortran_order, dtype
 
 
 def _named(keys: Iterable[str]) -> str:
@@ -107,17 +73,6 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     count steps, not learning, and would only measure how much data a site has. Block by
     block (server/mean.py): a model-sized difference would cost more than the arithmetic."""
     return (walker or BlockWalker()).run(arrays, reference, sums=None)
-
-
-def refuse_per_update_settings(cfg, mode: str, *, norm_reason: str, dtype_reason: str) -> None:
-    """A privacy mode (docs/privacy.md) rules out the two settings that judge or reshape each
-    update on its own: norm screening against the others, and a narrower transfer dtype."""
-    if cfg.max_update_norm_ratio != 0:
-        raise ConfigError(f"max-update-norm-ratio={cfg.max_update_norm_ratio!r} is invalid with "
-                          f"{mode}: must be 0 (off); {norm_reason}")
-    if cfg.transfer_dtype != "float32":
-        raise ConfigError(f"transfer-dtype={cfg.transfer_dtype!r} is invalid with {mode}: allowed: "
-                          f"float32 ({dtype_reason})")
 
 
 def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str]:

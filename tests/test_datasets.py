@@ -8,6 +8,8 @@ import torch
 from PIL import Image, features
 
 import common.datasets as ds
+import common.folders as folders
+import common.torchvision_sources as torchvision_sources
 from common.datasets import SOURCES, DataError, ImageSet, load_eval_split, load_images
 
 S = 16
@@ -192,13 +194,13 @@ def test_imagefolder_bad_files_skipped_and_logged(tmp_path, caplog):
 def test_imagefolder_skipped_log_is_capped(tmp_path, caplog):
     root = tmp_path / "many-bad"
     _save(root / "ok.png", _solid((1, 2, 3)))
-    for i in range(ds.MAX_SKIPPED_LOGGED + 5):
+    for i in range(folders.MAX_SKIPPED_LOGGED + 5):
         (root / f"bad{i:02d}.png").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="fedssl"):
         out = load_images("imagefolder", str(root), S, cache_dir=str(tmp_path / "c"))
-    assert out.skipped == ds.MAX_SKIPPED_LOGGED + 5
-    assert len(caplog.records) == ds.MAX_SKIPPED_LOGGED + 1
-    assert str(ds.MAX_SKIPPED_LOGGED + 5) in caplog.records[-1].getMessage()
+    assert out.skipped == folders.MAX_SKIPPED_LOGGED + 5
+    assert len(caplog.records) == folders.MAX_SKIPPED_LOGGED + 1
+    assert str(folders.MAX_SKIPPED_LOGGED + 5) in caplog.records[-1].getMessage()
 
 
 def test_imagefolder_missing_empty_unusable(tmp_path):
@@ -227,12 +229,12 @@ def test_imagefolder_cache_hit_and_invalidation(tmp_path, monkeypatch):
     first = load_images("imagefolder", str(root), S, cache_dir=str(cache))
     assert len(list(cache.glob("*.npz"))) == 1
 
-    real_decode = ds._decode_image
+    real_decode = folders._decode_image
 
     def must_not_decode(path, size):
         raise AssertionError("decoded again despite a valid cache")
 
-    monkeypatch.setattr(ds, "_decode_image", must_not_decode)
+    monkeypatch.setattr(folders, "_decode_image", must_not_decode)
     second = load_images("imagefolder", str(root), S, cache_dir=str(cache))
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.classes == first.classes and second.skipped == first.skipped
@@ -243,7 +245,7 @@ def test_imagefolder_cache_hit_and_invalidation(tmp_path, monkeypatch):
         calls.append(path)
         return real_decode(path, size)
 
-    monkeypatch.setattr(ds, "_decode_image", counting)
+    monkeypatch.setattr(folders, "_decode_image", counting)
     changed = root / "ant" / "000.png"
     _save(changed, _solid((255, 255, 255), size=(21, 14)))
     os.utime(changed, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
@@ -365,7 +367,7 @@ def test_cifar_download_failure_message(tmp_path, monkeypatch):
     def offline(source, root, train):
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
-    monkeypatch.setattr(ds, "_torchvision_dataset", offline)
+    monkeypatch.setattr(torchvision_sources, "_torchvision_dataset", offline)
     target = tmp_path / "cifar-here"
     with pytest.raises(DataError) as err:
         load_images("cifar10", str(target), 32)

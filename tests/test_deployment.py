@@ -113,8 +113,8 @@ def test_client_command_checks_and_node_config(tmp_path):
                                                state_dir=tmp_path / "state"))
     assert kept[kept.index("--node-config") + 1].endswith(f' state-dir="{tmp_path / "state"}"')
     from client import supernode
-    from common import datasets
-    assert supernode.IMAGE_EXTENSIONS == datasets.IMAGE_EXTENSIONS
+    from common import folders
+    assert supernode.IMAGE_EXTENSIONS == folders.IMAGE_EXTENSIONS
 
 
 # ----------------------------------------------------------------- real deployment, loopback

@@ -17,7 +17,7 @@ from common.records import decode_update, encode_update, narrow, to_record, wide
 from server.app import run_federation
 from server.resume import load_run_state
 from server.strategies import build_strategy
-from server.validation import as_numpy
+from server.npy_view import as_numpy
 from inprocess import InProcessGrid
 from conftest import fast_config
 

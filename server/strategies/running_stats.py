@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from common.methods import build_method
-from server.validation import as_numpy
+from server.npy_view import as_numpy
 
 
 def statistics_keys(cfg) -> frozenset[str]:
