@@ -270,7 +270,7 @@ def aggregate(args) -> dict:
         # the round's bookkeeping first (who was sent what), as in a run; not a copy of the model
         ours.configure_train(1, model, ConfigRecord(cfg.to_mapping()), grid)
         arrays, _ = ours.aggregate_train(1, replies)
-        assert arrays is not None, ours.round_stats
+        assert arrays is not None, ours.round_record(1)
 
     def run_stock():
         arrays, _ = stock.aggregate_train(1, replies)

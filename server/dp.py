@@ -24,7 +24,7 @@ What changes from Flower's wrappers, and why:
   (client/privacy.py) and the global ones are kept as sent, neither averaged nor noised; the
   server estimates statistics for evaluation from its own images (batchnorm_statistics_from).
 - Nothing else of the sites is released: the rule's aggregated metrics and the per-site
-  numbers in its round statistics are withheld (WITHHELD_STATS).
+  numbers in its round record are withheld (WITHHELD_STATS).
 - Adaptive clipping adds the noise with the norm the sites clipped to this round, then
   updates it (Flower's wrapper updates it first), from the bits centred and over m, as in
   Andrew et al. (sensitivity 1/2, which Flower's split of the noise assumes), and in the
@@ -51,7 +51,8 @@ from common.augment import normalize
 from common.config import ConfigError
 from common.methods import build_method
 from server.accounting import epsilon_spent
-from server.validation import refuse_per_update_settings
+from server.round_record import RoundRecord
+from server.privacy_settings import refuse_per_update_settings
 
 # Rules whose server side is FedAvg's mean: the noise then lands on the mean of the clipped
 # updates. A server optimizer (fedavgm, fedadam) would keep momentum built from noiseless
@@ -59,9 +60,11 @@ from server.validation import refuse_per_update_settings
 DP_RULES = ("fedavg", "fedu", "fedema")
 UNIT_WEIGHT = "dp-unit-weight"
 STATE_KEY = "dp"
-# A rule's round statistics that come from the sites' own metrics (their mean train loss and
-# images/s, FedU/FedEMA's per-site numbers, image counts, training time): not released.
-WITHHELD_STATS = ("train_metrics", "client_rules", "skipped_images", "client_train_seconds")
+# The fields of a rule's round record (server/round_record.py) that come from the sites' own
+# metrics (their mean train loss and images/s, FedU/FedEMA's per-site numbers, image counts,
+# training time): not released.
+WITHHELD_STATS = ("train_loss", "client_images_per_second", "client_rules", "skipped_images",
+                  "client_train_seconds")
 ADJACENCY = ("add or remove one site (all its images); a removed, failed or rejected site "
              "adds a zero update to the sum")
 SENSITIVITY = "C on the sum of clipped updates, C / m on the released mean (m = sites sampled)"
@@ -111,11 +114,10 @@ class PrivateRounds:
         self.noise_rng = np.random.default_rng()  # OS entropy; not in any checkpoint
         self.strategy.weighted_by_key = UNIT_WEIGHT
 
-    # --- the rule's interface -------------------------------------------------------------
-    @property
-    def round_stats(self) -> dict:
-        return {server_round: {k: v for k, v in stats.items() if k not in WITHHELD_STATS}
-                for server_round, stats in self.strategy.round_stats.items()}
+    # --- the fedssl strategy interface (server/protocol.py) -------------------------------
+    def round_record(self, server_round: int) -> RoundRecord | None:
+        record = self.strategy.round_record(server_round)
+        return None if record is None else record.withheld(WITHHELD_STATS)
 
     def resume_after(self, completed_round: int) -> None:
         self.strategy.resume_after(completed_round)

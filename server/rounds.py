@@ -1,12 +1,12 @@
 """What every fedssl strategy adds to its Flower strategy: the run config sent unchanged
 each round (clients compute the round's schedules from its number: common/schedules.py),
 screening of every train reply before aggregation, a record of which clients were accepted
-or rejected and why, and the round offset and server state that let a run resume from a
-checkpoint."""
+or rejected and why (a RoundRecord per round: server/round_record.py), and the round offset
+and server state that let a run resume from a checkpoint."""
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -16,7 +16,9 @@ from common.global_updates import METRIC_PREFIX
 from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
 from server.mean import WeightedMean
 from server.nodes import RegisteredOrder, registration_order, wait_for_nodes
-from server.validation import as_numpy, screen, spec_of
+from server.round_record import RoundOffset, RoundRecord
+from server.npy_view import as_numpy
+from server.validation import screen, spec_of
 
 log = logging.getLogger("fedssl")
 
@@ -61,8 +63,8 @@ class SSLRounds:
         self.round_timeout = cfg.round_timeout
         self.node_wait_timeout = cfg.node_wait_timeout
         self.transfer_dtype = TRANSFER_DTYPES[cfg.transfer_dtype]
-        self.round_offset = 0
-        self.round_stats: dict[int, dict] = {}
+        self.offset = RoundOffset()
+        self.records: dict[int, RoundRecord] = {}
         self._spec: dict | None = None
         self._float_keys: list[str] = []
         self._global: dict[str, np.ndarray] = {}
@@ -73,14 +75,21 @@ class SSLRounds:
         self.last_accepted: list[Message] = []
 
     def resume_after(self, completed_round: int) -> None:
-        """Flower's start() always counts rounds from 1; shift them so a resumed run sends
-        and records the true round numbers (and the clients' schedules continue where they
-        stopped)."""
-        self.round_offset = completed_round
+        self.offset = RoundOffset(completed_round)
+
+    def round_record(self, server_round: int) -> RoundRecord | None:
+        return self.records.get(server_round)
+
+    @property
+    def round_stats(self) -> dict[int, dict[str, Any]]:
+        """The records as metrics-row fields, for callers written against the old dict
+        (tests/test_batchnorm_stats.py, tests/test_robust_rules.py, benchmarks); new code
+        reads round_record()."""
+        return {server_round: record.row_fields() for server_round, record in self.records.items()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
+        server_round = self.offset.server_round(server_round)
         # Flower's sampler would wait forever for nodes that left; fail with numbers instead.
         wait_for_nodes(grid, self.min_valid, self.node_wait_timeout)
         self._global = as_numpy(arrays)
@@ -126,7 +135,7 @@ class SSLRounds:
         return reply
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        server_round += self.round_offset
+        server_round = self.offset.server_round(server_round)
         # Summed in registration order, not arrival order: a floating-point sum depends on
         # its order, and the same seed must give the same model however sites are scheduled.
         replies = sorted(replies, key=self._registration_rank)
@@ -151,23 +160,12 @@ class SSLRounds:
         else:
             log.warning("round %d: %d valid replies, %d needed (min-train-clients); the global "
                         "model stays as it was", server_round, len(verdict.accepted), self.min_valid)
-        self.round_stats[server_round] = {
-            "clients_ok": len(verdict.accepted),
-            "clients_failed": len(verdict.rejected),
-            "failures": {str(k): v for k, v in sorted(verdict.rejected.items())},
-            "aggregated": arrays is not None,
-            # Summed here: Flower's metric aggregation is an example-weighted mean.
-            "skipped_images": sum(int(m.content.metric_records[name].get("skipped-images", 0))
-                                  for m in verdict.accepted for name in m.content.metric_records),
-            # Summed too: the clients' own training time, next to the round's wall time.
-            "client_train_seconds": sum(float(m.content.metric_records[name].get("train-seconds", 0.0))
-                                        for m in verdict.accepted for name in m.content.metric_records),
-            "train_metrics": dict(metrics) if metrics is not None else {},
-            "client_rules": client_rules(verdict.accepted),
-            # Model arrays only, each way: what a round costs the network.
-            "bytes_sent": self._bytes_sent.pop(server_round, 0),
-            "bytes_received": received,
-        }
+        self.records[server_round] = RoundRecord.of_round(
+            clients_ok=len(verdict.accepted), failures=dict(sorted(verdict.rejected.items())),
+            aggregated=arrays is not None,
+            client_metrics=[record for m in verdict.accepted for record in m.content.metric_records.values()],
+            train_metrics=metrics, client_rules=client_rules(verdict.accepted),
+            bytes_sent=self._bytes_sent.pop(server_round, 0), bytes_received=received)
         return arrays, metrics
 
     def _aggregate_accepted(self, server_round: int, accepted: list[Message], mean: WeightedMean | None):

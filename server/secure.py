@@ -26,7 +26,8 @@ from flwr.serverapp import Grid
 from common.config import ConfigError
 from common.secure_update import SHARED_KEYS, summed_keys
 from server.nodes import wait_for_nodes
-from server.validation import refuse_per_update_settings
+from server.round_record import RoundOffset, RoundRecord
+from server.privacy_settings import refuse_per_update_settings
 
 log = logging.getLogger("fedssl")
 SECURE_RULES = ("fedavg", "fedu", "fedema")
@@ -68,8 +69,8 @@ class SecureRounds(Strategy):
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.round_offset = 0
-        self.round_stats: dict[int, dict] = {}
+        self.offset = RoundOffset()
+        self.records: dict[int, RoundRecord] = {}
         self.keys: list[str] = []
         self.summed: list[str] = []
         self.global_arrays: dict[str, np.ndarray] = {}
@@ -77,9 +78,12 @@ class SecureRounds(Strategy):
         self.train_config = ConfigRecord()
         self.evaluate_fn: Callable | None = None
 
-    # --- the fedssl strategy interface (server/app.py) ------------------------------------
+    # --- the fedssl strategy interface (server/protocol.py) -------------------------------
     def resume_after(self, completed_round: int) -> None:
-        self.round_offset = completed_round
+        self.offset = RoundOffset(completed_round)
+
+    def round_record(self, server_round: int) -> RoundRecord | None:
+        return self.records.get(server_round)
 
     def server_state(self) -> dict:
         return {}
@@ -122,7 +126,7 @@ class SecureRounds(Strategy):
         return ndarrays_to_parameters([self.global_arrays[k] for k in self.keys])
 
     def configure_fit(self, server_round, parameters, client_manager):
-        server_round += self.round_offset
+        server_round = self.offset.server_round(server_round)
         cfg = self.cfg
         wait_for_nodes(self.grid, cfg.min_train_clients, cfg.node_wait_timeout)
         self.global_arrays = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
@@ -133,22 +137,20 @@ class SecureRounds(Strategy):
         config[SHARED_KEYS] = ",".join(self.keys)
         # Replaced by aggregate_fit; stays when the protocol halts before it (too few sites
         # left to unmask the sum).
-        self.round_stats[server_round] = {
-            "clients_ok": 0, "clients_failed": len(clients), "aggregated": False,
-            "failures": {str(c.node_id): "SecAgg+ round halted: too few sites left to unmask the sum"
-                         for c in clients}}
+        self.records[server_round] = RoundRecord.of_round(
+            clients_ok=0, aggregated=False,
+            failures={c.node_id: "SecAgg+ round halted: too few sites left to unmask the sum" for c in clients})
         self._sampled = [c.node_id for c in clients]
         return [(c, FitIns(parameters, dict(config))) for c in clients]
 
     def aggregate_fit(self, server_round, results, failures):
-        server_round += self.round_offset
+        server_round = self.offset.server_round(server_round)
         finished = {proxy.node_id for proxy, _ in results}
-        stats = self.round_stats[server_round] = {
-            "clients_ok": len(finished),
-            "clients_failed": len(self._sampled) - len(finished),
-            "failures": {str(n): "dropped out of the SecAgg+ round (error or timeout); its masks "
-                                 "were removed" for n in self._sampled if n not in finished},
-            "aggregated": False, "skipped_images": 0, "train_metrics": {}}
+        dropped = {n: "dropped out of the SecAgg+ round (error or timeout); its masks were removed"
+                   for n in self._sampled if n not in finished}
+        # Replaced below once the mean is added to the model.
+        self.records[server_round] = RoundRecord.of_round(clients_ok=len(finished), failures=dropped,
+                                                          aggregated=False)
         if len(finished) < self.cfg.min_train_clients:
             log.warning("round %d: %d sites finished, %d needed (min-train-clients); the global "
                         "model stays as it was", server_round, len(finished), self.cfg.min_train_clients)
@@ -162,10 +164,12 @@ class SecureRounds(Strategy):
             log.warning("round %d: the unmasked mean holds NaN or Inf; the global model stays", server_round)
             return None, {}
         metrics = [(float(res.num_examples), res.metrics) for _, res in results]
-        stats.update(aggregated=True, train_metrics=weighted_mean(metrics),
-                     skipped_images=sum(int(m.get("skipped-images", 0)) for _, m in metrics))
+        train_metrics = weighted_mean(metrics)
+        self.records[server_round] = RoundRecord.of_round(
+            clients_ok=len(finished), failures=dropped, aggregated=True,
+            client_metrics=[m for _, m in metrics], train_metrics=train_metrics)
         self.global_arrays = new
-        return ndarrays_to_parameters([new[k] for k in self.keys]), stats["train_metrics"]
+        return ndarrays_to_parameters([new[k] for k in self.keys]), train_metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []  # evaluation is the server's own (server/evaluation.py)

@@ -70,7 +70,7 @@ def aggregate_one_round(strategy, glob, states, server_round):
                                    "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
                for msg, (state, n) in zip(sent, zip(states, EXAMPLES))]
     arrays, _ = strategy.aggregate_train(server_round, replies)
-    assert strategy.round_stats[server_round]["clients_ok"] == len(states)
+    assert strategy.round_record(server_round).clients_ok == len(states)
     return {k: v.numpy() for k, v in arrays.items()}
 
 

@@ -109,7 +109,7 @@ def test_the_noise_is_z_c_over_the_sampled_count_also_when_a_site_fails(small_im
     strategy, sent, replies, arrays = one_dp_round(cfg, app=failing_at({1001}))
     glob = weights(sent)
     updates = [{k: v - glob[k] for k, v in weights(r.content["arrays"]).items()} for r in replies if not r.has_error()]
-    assert len(updates) == 2 and strategy.round_stats[1]["clients_failed"] == 1
+    assert len(updates) == 2 and strategy.round_record(1).clients_failed == 1
     # 3 sampled, 2 replied: the noiseless aggregate adds the sum of the updates over 3, and
     # the noise is calibrated to the same 3 (a failed site counts as a zero update).
     noise = np.concatenate([(arrays[k].numpy().astype(np.float64) - glob[k] - sum(u[k] for u in updates) / 3).ravel()
@@ -146,7 +146,7 @@ def test_under_dp_a_failed_site_is_a_zero_update_over_the_sampled_count(small_im
     strategy, sent, replies, arrays = one_dp_round(cfg, app=failing_at({1002}), node_config=unequal_sites(tmp_path))
     glob = weights(sent)
     clipped = [weights(r.content["arrays"]) for r in replies if not r.has_error()]
-    assert len(clipped) == 2 and strategy.round_stats[1]["clients_ok"] == 2
+    assert len(clipped) == 2 and strategy.round_record(1).clients_ok == 2
     got = weights(arrays)
     expected = {k: glob[k] + sum(c[k] - glob[k] for c in clipped) / 3 for k in glob}
     assert all(np.allclose(got[k], expected[k], rtol=0, atol=1e-6) for k in glob)

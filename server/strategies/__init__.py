@@ -6,8 +6,10 @@ from typing import Callable
 
 from common.config import ConfigError, RunConfig
 from server import dp, secure
+from server.protocol import SSLStrategy
 from server.rounds import SSLRounds
-from server.strategies import fedadam, fedavg, fedavgm, fedema, fedu, ldawa
+from server.strategies import (bulyan, fedadam, fedavg, fedavgm, fedema, fedmedian, fedtrimmedavg, fedu,
+                               krum, ldawa, multikrum)
 
 STRATEGIES: dict[str, Callable[[RunConfig], SSLRounds]] = {
     "fedavg": fedavg.build,
@@ -16,10 +18,15 @@ STRATEGIES: dict[str, Callable[[RunConfig], SSLRounds]] = {
     "fedu": fedu.build,
     "fedema": fedema.build,
     "ldawa": ldawa.build,
+    "fedmedian": fedmedian.build,
+    "fedtrimmedavg": fedtrimmedavg.build,
+    "krum": krum.build,
+    "multikrum": multikrum.build,
+    "bulyan": bulyan.build,
 }
 
 
-def build_strategy(cfg: RunConfig) -> SSLRounds:
+def build_strategy(cfg: RunConfig) -> SSLStrategy:
     """The run's rule, with its privacy mode (docs/privacy.md): as it is, wrapped for DP, or
     (SecAgg+) replaced by the secure adapter, which runs FedAvg's mean under masks."""
     if cfg.strategy not in STRATEGIES:
