@@ -1,8 +1,9 @@
 """Backbones that map images to a feature vector, built from torchvision so an exported
-encoder loads into plain torchvision after the same two-line stem change."""
+encoder loads into plain torchvision after the same stem change (`describe_encoder` says
+which, `torchvision_recipe` writes the code)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -67,3 +68,76 @@ def build_encoder(name: str, image_size: int) -> tuple[nn.Module, int]:
         raise ValueError(f"encoder={name!r} is not known; allowed: {', '.join(ENCODERS)}")
     encoder, dim = ENCODERS[name](image_size)
     return encoder.to(memory_format=torch.channels_last), dim
+
+
+def describe_encoder(name: str, image_size: int) -> dict[str, Any]:
+    """What plain torchvision needs to rebuild encoder `name` at `image_size` (an export's
+    config.json): its torchvision builder, the stem as built here and the classifier replaced
+    by Identity, read off the built network so it cannot drift from the builders above."""
+    if name not in ENCODERS:
+        raise ValueError(f"encoder={name!r} is not known; allowed: {', '.join(ENCODERS)}")
+    net, dim = ENCODERS[name](image_size)
+    if isinstance(net, ResNet):
+        conv = net.conv1
+        return {"torchvision_builder": "torchvision.models.resnet.ResNet",
+                "block": type(net.layer1[0]).__name__,
+                "blocks_per_stage": [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)],
+                "stem": {"conv1": {"kernel_size": conv.kernel_size[0], "stride": conv.stride[0],
+                                   "padding": conv.padding[0]},
+                         "maxpool": not isinstance(net.maxpool, nn.Identity)},
+                "replaced_by_identity": ["fc"], "num_features": dim}
+    first = net.features[0][0]
+    return {"torchvision_builder": "torchvision.models.mobilenet_v3_small",
+            "stem": {"features.0.0": {"stride": first.stride[0]}},
+            "replaced_by_identity": ["classifier"], "num_features": dim}
+
+
+_RESNET_RECIPE = """import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torchvision.models.resnet import {block}, ResNet
+
+folder = Path("{folder}")
+config = json.loads((folder / "config.json").read_text())
+net = ResNet({block}, config["blocks_per_stage"])  # {blocks}: {name}
+stem = config["stem"]  # {stem}
+net.conv1 = torch.nn.Conv2d(3, 64, bias=False, **stem["conv1"])
+if not stem["maxpool"]:
+    net.maxpool = torch.nn.Identity()
+net.fc = torch.nn.Identity()  # pooled features, not ImageNet logits
+net.load_state_dict(load_file(folder / "model.safetensors"))
+net.eval()
+"""
+
+_MOBILENET_RECIPE = """import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torchvision.models import mobilenet_v3_small
+
+folder = Path("{folder}")
+config = json.loads((folder / "config.json").read_text())
+net = mobilenet_v3_small()
+stride = config["stem"]["features.0.0"]["stride"]  # {stride}
+net.features[0][0].stride = (stride, stride)
+net.classifier = torch.nn.Identity()  # pooled features, not ImageNet logits
+net.load_state_dict(load_file(folder / "model.safetensors"))
+net.eval()
+"""
+
+
+def torchvision_recipe(name: str, image_size: int, folder: str) -> str:
+    """Python that rebuilds the encoder exported in `folder` with plain torchvision +
+    safetensors, reading its stem from config.json (the export's model card shows it)."""
+    about = describe_encoder(name, image_size)
+    stem = about["stem"]
+    if "blocks_per_stage" in about:
+        conv = stem["conv1"]
+        text = (f"conv1 {conv['kernel_size']}x{conv['kernel_size']} stride {conv['stride']}, "
+                f"{'a' if stem['maxpool'] else 'no'} max-pool")
+        return _RESNET_RECIPE.format(folder=folder, block=about["block"], name=name, stem=text,
+                                     blocks=about["blocks_per_stage"])
+    return _MOBILENET_RECIPE.format(folder=folder, stride=f"{stem['features.0.0']['stride']} here")

@@ -1,17 +1,37 @@
 """A run's output directory: metrics.jsonl (a row per round), the latest checkpoint,
-the exported encoder and summary.json; each row also goes to the trackers the run config
-asks for (server/tracking.py)."""
+the exported encoder (encoder/: model.safetensors, config.json and a model card README.md)
+and summary.json; each row also goes to the trackers the run config asks for
+(server/tracking.py)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.checkpoint import atomic_write, export_encoder
+from common.augment import MEAN, STD
+from common.checkpoint import EXPORT_WEIGHTS, atomic_write, export_folder
+from common.config import RunConfig
+from common.encoders import describe_encoder, torchvision_recipe
+from server.evaluation import eval_source
 from server.tracking import Tracking
+
+ENCODER_DIR = "encoder"
+# The file earlier runs exported; the same bytes as encoder/model.safetensors, kept for the
+# readers that still open it.
+LEGACY_ENCODER_FILE = "encoder.safetensors"
+FEATURES = ("the encoder's output in eval mode (BatchNorm running statistics): the last stage's "
+            "activations, global-average-pooled ({dim} values; the torchvision classifier "
+            "replaced by Identity). knn_top1 votes among the k={k} nearest bank images by cosine "
+            "similarity of these features (temperature {t}); probe_top1 is a linear classifier "
+            "trained on them (frozen encoder)")
+INPUT = ("RGB, the shorter side resized to image_size (bicubic) and centre-cropped, scaled to "
+         "[0, 1], then normalised with mean and std per channel")
 
 
 def default_out_dir() -> Path:
@@ -53,13 +73,178 @@ class RunDir:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         self.tracking.log_row(row)
 
-    def export_encoder(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        path = self.path / "encoder.safetensors"
-        export_encoder(path, shared_state, metadata)
-        return path
+    @property
+    def encoder_dir(self) -> Path:
+        return self.path / ENCODER_DIR
+
+    def export_encoder(self, shared_state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                       summary: dict[str, Any]) -> Path:
+        """OUT/encoder/ (model.safetensors, config.json, README.md), written from the run's
+        `summary`; returns the folder. OUT/encoder.safetensors: the same weights file."""
+        cfg = RunConfig.from_mapping(summary["config"])
+        config = encoder_config(cfg, summary)
+        export_folder(self.encoder_dir, shared_state, metadata, config, model_card(cfg, config))
+        _same_file(self.encoder_dir / EXPORT_WEIGHTS, self.path / LEGACY_ENCODER_FILE)
+        return self.encoder_dir
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The run's last output, so it also ends the tracked runs."""
         atomic_write(self.path / "summary.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, sort_keys=True)))
         self.tracking.close()
+
+
+def _same_file(source: Path, link: Path) -> None:
+    """`link` holds `source`'s bytes: a hard link where the file system has them, else a copy."""
+    def write(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    atomic_write(link, write)
+
+
+def fedssl_version() -> str:
+    try:
+        return package_metadata.version("fedssl")
+    except package_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def encoder_config(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """config.json: what a user needs to rebuild and feed the encoder, and how it was made."""
+    about = describe_encoder(cfg.encoder, cfg.image_size)
+    final, privacy = summary["final"], summary.get("privacy") or {}
+    source, path = eval_source(cfg)
+    centralized = bool(summary.get("centralized"))
+    return {
+        "architecture": cfg.encoder,
+        **about,
+        "image_size": cfg.image_size,
+        "input": INPUT,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "features": FEATURES.format(dim=about["num_features"], k=cfg.knn_k, t=cfg.knn_temperature),
+        "method": cfg.method,
+        "strategy": "centralized" if centralized else cfg.strategy,
+        "rounds": final["round"],  # epochs over the pooled data for the centralized baseline
+        "knn_top1": final.get("knn_top1"),
+        "probe_top1": final.get("probe_top1"),
+        "evaluated_on": {"source": source, "path": path, "max_bank_images": cfg.eval_bank_size,
+                         "max_query_images": cfg.eval_query_size},
+        # summary.json's privacy section: a centralized run has none, whatever `dp` says
+        "dp": privacy.get("dp", "none"),
+        "dp_epsilon": privacy.get("epsilon"),
+        "dp_delta": privacy.get("delta"),
+        "secure_aggregation": bool(privacy.get("secure_aggregation")),
+        "data_description": cfg.data_description or None,
+        "init_weights": cfg.init_weights or None,
+        "seed": cfg.seed,
+        "library_name": "fedssl",
+        "fedssl_version": fedssl_version(),
+    }
+
+
+def _score(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
+
+
+def _privacy_text(config: dict[str, Any]) -> str:
+    if config["dp"] == "none":
+        text = ("trained without differential privacy, so the weights may retain details of "
+                "training images")
+    elif config["dp_epsilon"] is None:
+        text = f"differential privacy (`{config['dp']}` clipping) with no finite epsilon (no noise)"
+    else:
+        text = (f"differential privacy (`{config['dp']}` clipping): epsilon {config['dp_epsilon']:.3g} "
+                f"at delta {config['dp_delta']:g} for all of one site's images, covering the released "
+                "model only (docs/privacy.md)")
+    if config["secure_aggregation"]:
+        text += "; SecAgg+: the server saw only the sum of the sampled sites' updates"
+    return text
+
+
+def model_card(cfg: RunConfig, config: dict[str, Any]) -> str:
+    """README.md of the export: the data the user described, settings, results and limits,
+    written from the run, and how to load the encoder."""
+    centralized = config["strategy"] == "centralized"
+    evaluated = config["evaluated_on"]
+    where = (f"`{evaluated['path']}`" if evaluated["path"] else
+             f"the {evaluated['source']} source's held-out images")
+    data = cfg.data_description or (
+        "No description of the training data was given (`--data-description`); before using this "
+        "encoder, find out what images it was trained on.")
+    if cfg.dataset == "synthetic":
+        data += (" The run trained on fedssl's built-in synthetic shapes: a demonstration, not an "
+                 "encoder for real images.")
+    how = ("the centralized baseline: one model trained on the pooled images" if centralized else
+           f"federated: `{cfg.strategy}` over the sites, a share {cfg.fraction_train:g} of them "
+           f"sampled each round (`{cfg.partition}` partition where simulated)")
+    privacy = _privacy_text(config)
+    rows = [("method", f"`{cfg.method}`"), ("training", how),
+            ("rounds" if not centralized else "epochs", config["rounds"]),
+            ("encoder", f"`{cfg.encoder}` ({config['num_features']} features), "
+                        f"{cfg.image_size}x{cfg.image_size} px"),
+            ("local epochs, batch, lr", f"{cfg.local_epochs}, {cfg.batch_size}, {cfg.lr:g}"),
+            ("started from", f"`{cfg.init_weights}`" if cfg.init_weights else "random initialisation"),
+            ("privacy", privacy), ("seed", cfg.seed), ("fedssl", config["fedssl_version"])]
+    settings = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    recipe = torchvision_recipe(cfg.encoder, cfg.image_size, ".")
+    return f"""---
+library_name: fedssl
+pipeline_tag: image-feature-extraction
+tags: [self-supervised-learning, federated-learning, {cfg.method}, {cfg.encoder}]
+---
+
+# {cfg.encoder} encoder trained with {cfg.method} ({"centralized" if centralized else cfg.strategy})
+
+Written by fedssl {config["fedssl_version"]} at the end of the run. `model.safetensors` holds
+the encoder's weights under torchvision's parameter names; `config.json` holds what this card
+says in machine-readable form.
+
+## Data
+
+{data}
+
+## Settings
+
+| setting | value |
+| --- | --- |
+{settings}
+
+## Results
+
+| metric (final round, not the best) | value |
+| --- | --- |
+| kNN top-1 (cosine, k={cfg.knn_k}) | {_score(config["knn_top1"])} |
+| linear probe top-1 | {_score(config["probe_top1"])} |
+
+Measured on {where}: a kNN bank of up to {evaluated["max_bank_images"]} labelled images and up to
+{evaluated["max_query_images"]} held-out queries. Features: {config["features"]}.
+
+## Use
+
+Inputs, {cfg.image_size}x{cfg.image_size} px: {INPUT.replace("image_size", str(cfg.image_size))}
+(mean {tuple(MEAN)}, std {tuple(STD)}).
+
+```python
+import fedssl
+
+encoder = fedssl.load_encoder(".")  # this folder; eval mode, [N, 3, H, W] -> [N, {config["num_features"]}]
+```
+
+With plain safetensors + torchvision, run in this folder:
+
+```python
+{recipe}```
+
+## Limits
+
+- One run with one seed ({cfg.seed}): no interval. Two such runs can differ by a few points
+  through chance alone; compare settings over several seeds.
+- The numbers are the final round's on {where} only. They do not show how the encoder
+  transfers to other images, sizes or tasks, how it does on the sites, classes or groups
+  least represented in training, or how robust it is to a shift in the data.
+- Privacy: {privacy}.
+"""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("plot", "evaluate", "embed")
+ENCODER_HELP = "a run's exported encoder: OUT/encoder (or its model.safetensors), or OUT itself"
 
 
 def add_commands(commands) -> None:
@@ -18,7 +19,7 @@ def add_commands(commands) -> None:
     sub.add_argument("--out", required=True, type=Path, metavar="FILE.png")
 
     sub = commands.add_parser("evaluate", help="an exported encoder on a labelled image folder")
-    sub.add_argument("encoder", type=Path, metavar="ENCODER", help="encoder.safetensors of a run")
+    sub.add_argument("encoder", type=Path, metavar="ENCODER", help=ENCODER_HELP)
     sub.add_argument("--data-path", required=True, metavar="LABELLED_DIR",
                      help="class subfolders; with train/ and test/ those are the split, "
                           "otherwise a seeded 80/20 split")
@@ -34,10 +35,12 @@ def add_commands(commands) -> None:
     _add_compute_flags(sub)
 
     sub = commands.add_parser("embed", help="write the encoder's features of a folder of images")
-    sub.add_argument("encoder", type=Path, metavar="ENCODER", help="encoder.safetensors of a run")
+    sub.add_argument("encoder", type=Path, metavar="ENCODER", help=ENCODER_HELP)
     sub.add_argument("images", metavar="IMAGES", help="a folder of images (recursive)")
     sub.add_argument("--out", required=True, type=Path, metavar="FILE",
-                     help="FILE.npz (arrays embeddings, paths) or FILE.safetensors")
+                     help="FILE.npz (arrays embeddings, paths), FILE.safetensors, FILE.npy (paths "
+                          "in FILE.json), FILE.csv (path, f0..) or FILE.parquet (path, embedding; "
+                          "needs pyarrow)")
     _add_compute_flags(sub)
 
 
@@ -60,45 +63,19 @@ def _fraction(text: str) -> float:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from common.datasets import load_eval_split
-    from common.device import select_device, set_threads
-    from common.downstream import finetune, frozen_scores, labelled_fraction, open_encoder
+    from common.downstream import evaluate_encoder
 
     fraction = _fraction(args.labels_fraction) if args.labels_fraction is not None else None
-    encoder, meta = open_encoder(args.encoder)
-    set_threads(args.threads)
-    device = select_device(args.device)
-    train, test = load_eval_split("imagefolder", args.data_path, int(meta["image-size"]),
-                                  seed=args.seed)
-    result = {"encoder": str(args.encoder), "data_path": args.data_path, "classes": len(train.classes),
-              "train_images": len(train), "test_images": len(test),
-              **frozen_scores(encoder, train, test, k=args.knn_k, temperature=args.knn_temperature,
-                              seed=args.seed, device=device)}
-    if fraction is not None:
-        labelled = train.subset(labelled_fraction(train.labels, fraction, args.seed))
-        result |= {"labels_fraction": fraction, "labelled_images": len(labelled),
-                   "finetune_epochs": args.epochs,
-                   "finetune_top1": finetune(encoder, labelled, test, epochs=args.epochs, lr=args.lr,
-                                             batch_size=args.batch_size, seed=args.seed,
-                                             device=device)}
-    return result
+    return evaluate_encoder(args.encoder, args.data_path, labels_fraction=fraction,
+                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            knn_k=args.knn_k, knn_temperature=args.knn_temperature, seed=args.seed,
+                            device=args.device, threads=args.threads)
 
 
 def embed_folder(args: argparse.Namespace) -> dict:
-    from common.datasets import load_folder_with_paths
-    from common.device import select_device, set_threads
-    from common.downstream import check_embeddings_path, open_encoder, write_embeddings
-    from common.evaluation import embed
+    from common.downstream import embed_folder
 
-    check_embeddings_path(args.out)  # before any image is decoded
-    encoder, meta = open_encoder(args.encoder)
-    set_threads(args.threads)
-    images, paths = load_folder_with_paths(args.images, int(meta["image-size"]))
-    features = embed(encoder, images.images, device=select_device(args.device))
-    out = write_embeddings(args.out, features, paths,
-                           {"encoder": str(args.encoder), "images": str(args.images), **meta})
-    return {"out": str(out), "images": len(paths), "dim": int(features.shape[1]),
-            "skipped": images.skipped}
+    return embed_folder(args.encoder, args.images, args.out, device=args.device, threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
+from common.checkpoint import load_init_weights
 from common.config import RunConfig
 from common.datasets import ImageSet, training_images
 from common.device import select_device, set_threads
 from common.logs import get_logger
 from common.methods import build_method
-from common.schedules import cosine
-from common.training import augmenter, step_settings, train_epochs
+from common.schedules import round_lr
+from common.training import StepSettings, augmenter, train_epochs
 from server.evaluation import GlobalEvaluator
 from server.progress import Progress
 from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
@@ -40,6 +41,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     out = RunDir(cfg.out_dir or default_out_dir(), cfg=cfg)
     data = pooled_images(cfg)
     method = build_method(cfg)
+    load_init_weights(method, cfg)  # a no-op without init-weights
     method.init_local()
     evaluator = GlobalEvaluator(cfg, device)
     augment = augmenter(cfg)
@@ -56,7 +58,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
                 method, data.images, augment, epochs=1, device=device,
                 progress_start=(epoch - 1) / epochs, progress_end=epoch / epochs,
                 seed=cfg.seed * 1_000_003 + epoch,
-                **{**step_settings(cfg), "lr": cosine((epoch - 1) / epochs, cfg.lr, 0.0)})
+                settings=StepSettings.from_config(cfg, lr=round_lr(epoch, epochs, cfg.lr)))
             final = epoch == epochs
             evaluate = final or epoch % cfg.eval_every == 0
             scores = evaluator(method, probe=final and cfg.probe) if evaluate else {}
@@ -66,9 +68,8 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
             history.append(row)
             out.append_metrics(row)
             progress.update(row)
-    encoder_path = out.export_encoder(method.shared_state(),
-                                      weights_metadata(cfg, epochs, centralized=True))
     summary = summarize(cfg, history, seconds=time.perf_counter() - start,
-                        encoder=encoder_path, out_dir=out.path, centralized=True, epochs=epochs)
+                        encoder=out.encoder_dir, out_dir=out.path, centralized=True, epochs=epochs)
+    out.export_encoder(method.shared_state(), weights_metadata(cfg, epochs, centralized=True), summary)
     out.write_summary(summary)
     return summary

@@ -1,10 +1,12 @@
 """Using the exported encoder: `fedssl evaluate` (kNN, linear probe, fine-tuning on a share of
-the labels) and `fedssl embed` on real image folders, the README's plain-torchvision loading
-snippet, and one-line errors for bad input."""
+the labels) and `fedssl embed` (.npz, .safetensors, .npy, .csv, .parquet) on real image
+folders, the README's plain-torchvision loading snippet, and one-line errors for bad input."""
 from __future__ import annotations
 
+import csv
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common.checkpoint import export_encoder, load_encoder
+from common.checkpoint import load_encoder
 from common.config import RunConfig
 from common.datasets import load_eval_split
 from common.downstream import finetune, labelled_fraction
@@ -21,8 +23,8 @@ from common.device import set_threads
 from common.evaluation import embed
 from common.methods import build_method
 from common.synthetic import SYNTHETIC_CLASSES, render_synthetic
-from common.training import augmenter, train_epochs
-from server.run_dir import weights_metadata
+from common.training import StepSettings, augmenter, train_epochs
+from server.run_dir import RunDir, summarize, weights_metadata
 from simulations.cli import main
 from conftest import write_image_folder
 
@@ -45,7 +47,8 @@ def labelled_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory) -> Path:
-    """An encoder after a short BYOL run on synthetic images, exported as a run exports it."""
+    """An encoder after a short BYOL run on synthetic images, exported as a run exports it
+    (the folder OUT/encoder)."""
     torch.manual_seed(0)
     cfg = RunConfig(image_size=IMAGE_SIZE, proj_dim=32, hidden_dim=64, batch_size=32)
     set_threads(int(THREADS))
@@ -53,11 +56,13 @@ def encoder_file(tmp_path_factory) -> Path:
                               torch.Generator().manual_seed(2))
     method = build_method(cfg)
     method.init_local()
-    train_epochs(method, images, augmenter(cfg), epochs=4, batch_size=cfg.batch_size, lr=cfg.lr,
-                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=torch.device("cpu"))
-    path = tmp_path_factory.mktemp("run") / "encoder.safetensors"
-    export_encoder(path, method.shared_state(), weights_metadata(cfg, 1))
-    return path
+    settings = StepSettings(batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay)
+    train_epochs(method, images, augmenter(cfg), epochs=4, settings=settings, device=torch.device("cpu"))
+    out = RunDir(tmp_path_factory.mktemp("run") / "run")
+    summary = summarize(cfg, [{"round": 1, "knn_top1": None}], seconds=1.0, encoder=out.encoder_dir,
+                        out_dir=out.path, rounds=1)
+    return out.export_encoder(method.shared_state(), weights_metadata(cfg, 1), summary)
 
 
 def run_cli(capsys, *args: str) -> dict:
@@ -113,37 +118,68 @@ def test_labelled_fraction_is_seeded_and_class_balanced():
     assert not torch.equal(picked, labelled_fraction(labels, 0.1, seed=6))
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def read_embeddings(out: Path) -> tuple[torch.Tensor, list[str]]:
+    """The rows and their image paths from any format `embed` writes, read without fedssl."""
+    if out.suffix == ".npz":
+        with np.load(out) as saved:
+            return torch.from_numpy(saved["embeddings"]), list(saved["paths"])
+    if out.suffix == ".safetensors":
+        with safe_open(str(out), framework="pt") as saved:
+            return saved.get_tensor("embeddings"), json.loads(saved.metadata()["paths"])
+    if out.suffix == ".npy":
+        return torch.from_numpy(np.load(out)), json.loads(out.with_suffix(".json").read_text())["paths"]
+    if out.suffix == ".csv":
+        with out.open(newline="") as f:
+            header, *rows = list(csv.reader(f))
+        assert header[0] == "path" and header[1:] == [f"f{i}" for i in range(len(header) - 1)]
+        return (torch.tensor(np.array([row[1:] for row in rows], dtype=np.float32)),
+                [row[0] for row in rows])
+    import pyarrow.parquet as pq
+    table = pq.read_table(out)
+    assert json.loads(table.schema.metadata[b"fedssl"])["encoder"] == "resnet10"
+    return torch.tensor(table.column("embedding").to_pylist()), table.column("path").to_pylist()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".npy", ".csv", ".parquet"])
 def test_embed_writes_one_row_per_image_with_its_path(encoder_file, labelled_folder, tmp_path,
                                                       capsys, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
     out = tmp_path / f"features{suffix}"
     result = run_cli(capsys, "embed", str(encoder_file), str(labelled_folder), "--out", str(out),
                      "--threads", THREADS)
-    if suffix == ".npz":
-        with np.load(out) as saved:
-            features, paths = torch.from_numpy(saved["embeddings"]), list(saved["paths"])
-    else:
-        with safe_open(str(out), framework="pt") as saved:
-            features, paths = saved.get_tensor("embeddings"), json.loads(saved.metadata()["paths"])
+    features, paths = read_embeddings(out)
     files = sorted(p.relative_to(labelled_folder).as_posix() for p in labelled_folder.rglob("*.png"))
     assert paths == files and result["images"] == len(files) == CLASSES * PER_CLASS
     assert features.shape == (len(files), 512) == (result["images"], result["dim"])
-    # row i is the embedding of paths[i], decoded at the encoder's image size
+    # row i is the embedding of paths[i], decoded at the encoder's image size; every format
+    # holds the float32 values exactly (CSV too)
     expected = embed(load_encoder(encoder_file),
                      load_images("imagefolder", str(labelled_folder), IMAGE_SIZE).images)
-    torch.testing.assert_close(features, expected)
+    assert torch.equal(features, expected)
+
+
+def test_parquet_without_pyarrow_is_one_line_naming_the_install(encoder_file, labelled_folder, tmp_path,
+                                                                capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # imports as where it is not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert main(["embed", str(encoder_file), str(labelled_folder), "--out", str(tmp_path / "f.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("writing .parquet needs pyarrow, which is not installed: pip install pyarrow")
+    assert "\n" not in err and not (tmp_path / "f.parquet").exists()
 
 
 def test_the_readme_snippet_loads_the_exported_encoder_with_plain_torchvision(encoder_file):
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Using the encoder downstream", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert "runs/my-run/encoder.safetensors" in code
+    section = readme.split("## Using the encoder downstream", 1)[1].split("\n## ", 1)[0]
+    code = next(block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "load_file" in block)
+    assert 'Path("runs/my-run/encoder")' in code
     scope: dict = {}
-    exec(code.replace("runs/my-run/encoder.safetensors", str(encoder_file)), scope)
+    exec(code.replace("runs/my-run/encoder", str(encoder_file)), scope)
     images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    ours = load_encoder(encoder_file).to(memory_format=torch.contiguous_format)
     with torch.no_grad():
-        torch.testing.assert_close(scope["net"].eval()(images), load_encoder(encoder_file).eval()(images))
+        torch.testing.assert_close(scope["net"](images), ours(images), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("make_args, fragment", [
@@ -158,8 +194,10 @@ def test_the_readme_snippet_loads_the_exported_encoder_with_plain_torchvision(en
                                "--labels-fraction", "ten"], "is not a number"),
     (lambda tmp, enc, folder: ["embed", str(enc), str(tmp), "--out", str(tmp / "f.npz")],
      "no images in folder"),
-    (lambda tmp, enc, folder: ["embed", str(enc), str(folder), "--out", str(tmp / "f.csv")],
-     "must end in .npz or .safetensors"),
+    (lambda tmp, enc, folder: ["embed", str(enc), str(folder), "--out", str(tmp / "f.txt")],
+     "must end in .npz, .safetensors, .npy, .csv or .parquet"),
+    (lambda tmp, enc, folder: ["evaluate", str(tmp), "--data-path", str(folder)],
+     "holds no model.safetensors (nor encoder/model.safetensors)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(encoder_file, labelled_folder, tmp_path, capsys,
                                           make_args, fragment):
