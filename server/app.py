@@ -55,7 +55,7 @@ def resume_point(cfg: RunConfig, out_dir: Path) -> RunState | None:
 
 # Settings that may differ between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = {"resume", "round-timeout", "node-wait-timeout", "device", "threads", "out-dir",
-                     "tensorboard", "mlflow", "mlflow-uri"}
+                     "tensorboard", "mlflow", "mlflow-uri", "data-description"}
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
