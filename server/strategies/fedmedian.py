@@ -1,0 +1,19 @@
+"""FedMedian (Yin et al., 2018): the coordinate-wise median of the accepted replies, Flower's
+FedMedian; sites count equally, whatever their number of examples. With n replies it
+withstands f hostile ones while n >= 2 f + 1. BatchNorm statistics take the median too, and
+every array returns in its sent dtype (robust.py). No server state."""
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedMedian
+
+from server.rounds import SSLRounds, sampling
+from server.strategies.robust import InSentDtypes, require_replies
+
+
+class FedMedianSSL(SSLRounds, InSentDtypes, FedMedian):
+    pass
+
+
+def build(cfg) -> FedMedianSSL:
+    require_replies(cfg, 2 * cfg.num_malicious + 1, "a median needs a majority of honest replies: 2 f + 1")
+    return FedMedianSSL(**sampling(cfg))
