@@ -6,19 +6,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
+import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import fedssl
 from common.config import ConfigError, RunConfig, defaults
+from fedssl.preflight import HARNESS_DEFAULTS
+from fedssl.run_config import parse_run_config, run_config
 from simulations import analysis_cli, deploy_cli
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Flags that are easier to type than their run-config keys.
 ALIASES = {"rounds": "num-rounds", "fraction": "fraction-train", "out": "out-dir"}
-HARNESS_DEFAULTS = {"num-clients": 5, "client-cpus": float(len(os.sched_getaffinity(0))),
-                    "client-gpus": 0.0, "ray-address": ""}
 
 
 class UsageError(Exception):
@@ -46,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--preset", help="TOML file of settings, or a name from simulations/presets")
         sub.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+        sub.add_argument("--run-config", dest="run_config", action="append", metavar='"KEY=VALUE ..."',
+                         help="run-config keys as `flwr run --run-config` takes them (TOML values, "
+                              "strings quoted), or a FILE.toml; the flags below win")
         for key, default in defaults().items():
             flags = [f"--{key}"] + [f"--{a}" for a, k in ALIASES.items() if k == key]
             # A bare boolean flag (`--resume`) means true.
@@ -67,75 +76,123 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
-    """Preset first, then flags; split into the run config and the harness settings."""
+    """Preset first, then --run-config, then flags; split into the run config and the
+    harness settings."""
     values: dict[str, Any] = load_preset(args.preset) if args.preset else {}
+    if args.run_config:
+        values.update(parse_run_config(args.run_config))
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in
-                   ("command", "preset", "verbose")})
+                   ("command", "preset", "verbose", "run_config")})
     harness = {k: values.pop(k, d) for k, d in HARNESS_DEFAULTS.items()}
-    return RunConfig.from_mapping(values), harness
+    return run_config(values), harness
 
 
-def preflight(cfg: RunConfig, num_clients: int | None) -> None:
-    """Fail in one line before starting Ray, and decode the images once (the disk cache
-    then serves every client process)."""
-    from common.datasets import load_eval_split, training_images
-    from common.partition import partition_indices
-    from server.evaluation import eval_source
-    from server.strategies import build_strategy
-    from server.tracking import check_installed
-
-    check_installed(cfg)
-    if cfg.resume:
-        from server.app import resume_point
-        resume_point(cfg, Path(cfg.out_dir).expanduser())
-    build_strategy(cfg)
-    images = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed,
-                             eval_path=cfg.eval_path)
-    if num_clients is not None:
-        if num_clients < cfg.min_train_clients:
-            raise ConfigError(f"num-clients={num_clients} is invalid: must be >= "
-                              f"min-train-clients ({cfg.min_train_clients})")
-        labels = None if images.labels is None else images.labels.numpy()
-        partition_indices(len(images), labels, num_clients, cfg.partition, alpha=cfg.alpha,
-                          shards_per_client=cfg.shards_per_client, seed=cfg.seed)
-    load_eval_split(*eval_source(cfg), cfg.image_size, seed=cfg.seed)
+def checkpoint_round(out_dir: str, since: float) -> int | None:
+    """The round the run's checkpoint holds; None without one, or when the file predates
+    `since` (a previous run's, which a fresh run in the same folder replaces at round 0)."""
+    path = Path(out_dir).expanduser() / "checkpoint.safetensors"
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        from common.checkpoint import read_metadata
+        return int(read_metadata(path)["round"])
+    except Exception:  # noqa: BLE001 - asked while exiting: no checkpoint is the safe answer
+        return None
 
 
-def quiet_engines(verbose: bool) -> None:
-    if verbose:
+def interrupted_line(signum: int, args: argparse.Namespace, argv: list[str], cfg: RunConfig,
+                     started: float) -> str:
+    """The one line an interrupted run prints: what the checkpoint holds and the command that
+    continues it (the same line, plus --resume and, where it came from a default, --out)."""
+    prog = ["fedssl"] if Path(sys.argv[0]).name == "fedssl" else [sys.executable, "-m", "simulations.cli"]
+    again = [*prog, *argv] + ([] if getattr(args, "out-dir") else ["--out", cfg.out_dir])
+    said = f"fedssl: interrupted by {signal.Signals(signum).name}"
+    if args.command != "simulate":
+        return f"{said}; a {args.command} run keeps no checkpoint; start it again with: {shlex.join(again)}"
+    held = checkpoint_round(cfg.out_dir, 0.0 if cfg.resume else started)
+    if held is None:
+        return f"{said} before the first checkpoint; start again with: {shlex.join(again)}"
+    resume = again + ([] if cfg.resume else ["--resume"])
+    return (f"{said}; the checkpoint holds round {held} of {cfg.num_rounds}; "
+            f"resume with: {shlex.join(resume)}")
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started and theirs (Ray's daemons, agents and workers),
+    found in /proc (Linux; elsewhere nothing is found)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (name) state ppid ...": the name may hold spaces and parentheses
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@contextmanager
+def interrupts_end_the_run(line: Callable[[int], str]) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM (systemd, schedulers) end the run at once: print
+    `line(signal)`, kill the processes this one started (Ray's), exit with 128 + the signal's
+    number, without unwinding. Nothing is lost but the round in progress: checkpoints are
+    written atomically, and a resumed run rebuilds metrics.jsonl from its checkpoint.
+    At once, not after ray.shutdown() (seconds): meanwhile Flower's threads would fail the
+    round in progress and the ServerApp record it, making the line untrue, and Ray's core
+    worker can end the process first with its own exit code (both seen). A cluster given by
+    --ray-address drops this driver's actors when it exits."""
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            print(line(signum), file=sys.stderr, flush=True)
+        finally:
+            kill_descendants()
+            os._exit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a caller elsewhere keeps its own
         return
-    import logging
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if args.command in deploy_cli.COMMANDS:
         return deploy_cli.run(args)
     if args.command in analysis_cli.COMMANDS:
         return analysis_cli.run(args)
+    import common.checkpoint  # noqa: F401  read by the signal handler, which must not import
     from common.datasets import DataError
 
     try:
         cfg, harness = settings(args)
-        if args.command == "simulate":
-            preflight(cfg, harness["num-clients"])
-            quiet_engines(args.verbose)
-            from simulations.engine import simulate
-            summary = simulate(cfg, num_clients=harness["num-clients"],
-                               client_cpus=harness["client-cpus"], client_gpus=harness["client-gpus"],
-                               ray_address=harness["ray-address"] or None)
-        else:
-            preflight(cfg, None)
-            from simulations.centralized import run_centralized
-            summary = run_centralized(cfg)
+        if not cfg.out_dir and not cfg.resume:  # named now, so an interrupted run can say where
+            from server.run_dir import default_out_dir
+            cfg = cfg.replace(out_dir=str(default_out_dir()))
+        started = time.time()
+        with interrupts_end_the_run(lambda signum: interrupted_line(signum, args, argv, cfg, started)):
+            if args.command == "simulate":
+                summary = fedssl.simulate(cfg, num_clients=harness["num-clients"],
+                                          client_cpus=harness["client-cpus"],
+                                          client_gpus=harness["client-gpus"],
+                                          ray_address=harness["ray-address"] or None,
+                                          verbose=args.verbose)
+            else:
+                summary = fedssl.centralized(cfg)
     except (ConfigError, DataError, UsageError, TimeoutError) as err:
         print(f"fedssl: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedssl: interrupted", file=sys.stderr)
-        return 130
     print(json.dumps({k: summary[k] for k in ("out_dir", "seconds", "knn_top1_gain")} |
                      {"initial_knn_top1": summary["initial"].get("knn_top1"),
                       "final_knn_top1": summary["final"].get("knn_top1"),

@@ -2,7 +2,9 @@
 `build(cfg)` returning a Flower strategy that mixes in server.rounds.SSLRounds."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import logging
+from typing import Callable, Iterator
 
 from common.config import ConfigError, RunConfig
 from server import dp, secure
@@ -33,8 +35,22 @@ def build_strategy(cfg: RunConfig) -> SSLStrategy:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid: allowed: {', '.join(STRATEGIES)}")
     dp.check(cfg)
     secure.check(cfg)
-    strategy = STRATEGIES[cfg.strategy](cfg)  # also under SecAgg+: the rule's own checks apply
+    with _quiet_flower():  # also under SecAgg+: the rule's own checks apply
+        strategy = STRATEGIES[cfg.strategy](cfg)
     if cfg.secure_aggregation:
         return secure.build(cfg)
     strategy.setup_rounds(cfg)
     return dp.private(cfg, strategy)
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower's strategies warn that fraction_evaluate is 0, which is fedssl's design (the
+    server evaluates, server/evaluation.py): not news for the user at every start."""
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    flower.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        flower.setLevel(level)
