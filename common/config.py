@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Callable, Mapping
 
 
@@ -29,6 +30,9 @@ class RunConfig:
     moco_temperature: float = 0.2
     moco_queue_size: int = 4096
     moco_tau: float = 0.99
+    # Weights the initial global model starts from: a torchvision state_dict (.pth/.pt), a
+    # safetensors file or a fedssl export; read on the server only (common/checkpoint.py).
+    init_weights: str = ""
     # data
     dataset: str = "synthetic"
     data_path: str = ""
@@ -59,6 +63,11 @@ class RunConfig:
     server_momentum: float = 0.9
     fedadam_lr: float = 0.01
     fedadam_tau: float = 0.001
+    # Byzantine-robust rules (server/strategies/robust.py): f, the hostile sites a rule must
+    # withstand; FedTrimmedAvg's cut from each end; Multi-Krum's replies kept (0: all but f)
+    num_malicious: int = 1
+    trim_beta: float = 0.2
+    multikrum_keep: int = 0
     resume: bool = False
     # local training
     local_epochs: int = 1
@@ -78,6 +87,8 @@ class RunConfig:
     probe: bool = True
     seed: int = 0
     out_dir: str = ""
+    # What the training images are, in words, for the exported encoder's model card.
+    data_description: str = ""
     # experiment tracking (server/tracking.py): copies of the metrics.jsonl rows
     tensorboard: bool = False
     mlflow: bool = False
@@ -209,6 +220,14 @@ def _device(v: str) -> str | None:
     return "allowed: auto, cpu, cuda, cuda:N, mps"
 
 
+def _weights_path(v: str) -> str | None:
+    # By its form only: clients validate the same config and need not hold the file.
+    suffix = PurePath(v).suffix
+    if not v or suffix in (".pth", ".pt", ".safetensors") or not suffix:
+        return None
+    return "must be empty, a .pth, .pt or .safetensors file, or a folder exported by fedssl"
+
+
 def _method_names():
     from common.methods import METHODS
     return METHODS
@@ -247,6 +266,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "moco_temperature": _positive,
     "moco_queue_size": _at_least(1),
     "moco_tau": _between(0.0, 1.0),
+    "init_weights": _weights_path,
     "dataset": _choice(_dataset_names),
     "image_size": _at_least(8),
     "crop_min_scale": _between(0.0, 1.0, low_open=True),
@@ -265,6 +285,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "server_momentum": _between(0.0, 1.0),
     "fedadam_lr": _positive,
     "fedadam_tau": _positive,
+    "num_malicious": _at_least(0),
+    "trim_beta": lambda v: None if 0.0 <= v < 0.5 else "must be in [0.0, 0.5)",
+    "multikrum_keep": _at_least(0),
     "local_epochs": _at_least(1),
     "batch_size": _at_least(2),
     "lr": _positive,
