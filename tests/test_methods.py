@@ -137,6 +137,9 @@ PAPER_RECIPES = {
     "simsiam": ((0.2, 1.0), 0.8, 0.4, 0.4, 0.4, 0.1, 0.2, (0.5, 0.5), (0.0, 0.0)),  # main_simsiam.py
     "simclr": ((0.08, 1.0), 0.8, 0.8, 0.8, 0.8, 0.2, 0.2, (0.5, 0.5), (0.0, 0.0)),  # s = 1, appendix A
     "mocov2": ((0.2, 1.0), 0.8, 0.4, 0.4, 0.4, 0.1, 0.2, (0.5, 0.5), (0.0, 0.0)),  # main_moco.py aug+
+    # both authors' code use BYOL's asymmetric recipe (vicreg: augmentations.py; barlowtwins: main.py)
+    "vicreg": ((0.08, 1.0), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, (1.0, 0.1), (0.0, 0.2)),
+    "barlowtwins": ((0.08, 1.0), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, (1.0, 0.1), (0.0, 0.2)),
 }
 
 

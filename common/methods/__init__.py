@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from common.encoders import build_encoder
+from common.methods.barlowtwins import BarlowTwins
 from common.methods.base import HeadSizes, SSLMethod
 from common.methods.byol import BYOL
 from common.methods.mocov2 import MoCoV2
 from common.methods.simclr import SimCLR
 from common.methods.simsiam import SimSiam
+from common.methods.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simsiam": SimSiam, "simclr": SimCLR, "mocov2": MoCoV2}
+METHODS["vicreg"] = VICReg
+METHODS["barlowtwins"] = BarlowTwins
 
 
 def method_type(name: str) -> type[SSLMethod]:
