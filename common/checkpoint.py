@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from common.encoders import build_encoder
 from common.logs import get_logger
 
@@ -133,7 +133,7 @@ def read_init_weights(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_init_weights(method: nn.Module, cfg) -> int:
+def load_init_weights(method: nn.Module, cfg: RunConfig) -> int:
     """Load the weights at the run config's `init-weights` into `method` (built from the same
     config): its shared networks, the initial global model. Return how many arrays were
     loaded, 0 when the key is empty.

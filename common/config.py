@@ -1,120 +1,236 @@
 """The run configuration: one typed object, built from Flower's run config (or the CLI, or a
-preset file) and validated here, so a bad value fails once, early, in one line."""
+preset file) and validated here, so a bad value fails once, early, in one line. Each key is
+declared once: its default, its one-line help (`fedssl simulate --help`, the README's table of
+keys) and its check, side by side."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Callable, Mapping
+
+Check = Callable[[Any], "str | None"]  # what is wrong with a value, or None
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
 
 
+def _choice(options: Callable[[], Any]) -> Check:
+    def rule(value: Any) -> str | None:
+        allowed = list(options())
+        return None if value in allowed else f"allowed: {', '.join(map(str, allowed))}"
+    return rule
+
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _between(low: float, high: float, *, low_open: bool = False) -> Check:
+    def rule(v: float) -> str | None:
+        ok = (low < v if low_open else low <= v) and v <= high
+        bound = "(" if low_open else "["
+        return None if ok else f"must be in {bound}{low}, {high}]"
+    return rule
+
+
+def _off_or_at_least(low: float) -> Check:
+    return lambda v: None if v == 0 or v >= low else f"must be 0 (off) or >= {low}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _device(v: str) -> str | None:
+    if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "allowed: auto, cpu, cuda, cuda:N, mps"
+
+
+def _weights_path(v: str) -> str | None:
+    # By its form only: clients validate the same config and need not hold the file.
+    suffix = PurePath(v).suffix
+    if not v or suffix in (".pth", ".pt", ".safetensors") or not suffix:
+        return None
+    return "must be empty, a .pth, .pt or .safetensors file, or a folder exported by fedssl"
+
+
+# The registries are read when a value is checked, not at import: they import torch.
+def _method_names():
+    from common.methods import METHODS
+    return METHODS
+
+
+def _encoder_names():
+    from common.encoders import ENCODERS
+    return ENCODERS
+
+
+def _dataset_names():
+    from common.datasets import SOURCES
+    return SOURCES
+
+
+def _transfer_dtypes():
+    from common.records import TRANSFER_DTYPES
+    return TRANSFER_DTYPES
+
+
+def _partition_names():
+    from common.partition import SCHEMES
+    return SCHEMES
+
+
+def setting(default: Any, help: str, check: Check | None = None) -> Any:
+    """A RunConfig field: its default, what it does in one line, and its check (None: any
+    value of the field's type)."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # what to train
-    method: str = "byol"
-    strategy: str = "fedavg"
-    encoder: str = "resnet10"
-    proj_dim: int = 256
-    hidden_dim: int = 1024
-    # BYOL's target momentum at the start (cosine to 1). The paper's 0.99 suits hundreds of
-    # epochs; runs of a few epochs' worth of steps learn more with a target that follows
-    # faster (docs/results.md).
-    byol_tau: float = 0.9
-    predictor_lr_scale: float = 10.0  # BYOL's and SimSiam's predictor trains at this x lr
-    simclr_temperature: float = 0.2
-    moco_temperature: float = 0.2
-    moco_queue_size: int = 4096
-    moco_tau: float = 0.99
-    # Weights the initial global model starts from: a torchvision state_dict (.pth/.pt), a
-    # safetensors file or a fedssl export; read on the server only (common/checkpoint.py).
-    init_weights: str = ""
+    method: str = setting("byol", "the self-supervised method: a module in common/methods/",
+                          _choice(_method_names))
+    # Checked where strategies live (server/strategies), with the same error type: common/
+    # must not import server/.
+    strategy: str = setting("fedavg", "the aggregation rule: a module in server/strategies/")
+    encoder: str = setting("resnet10", "the encoder network (common/encoders.py)", _choice(_encoder_names))
+    proj_dim: int = setting(256, "output size of the projector and predictor heads", _at_least(1))
+    hidden_dim: int = setting(1024, "hidden width of the projector and predictor heads", _at_least(1))
+    # The paper's 0.99 suits hundreds of epochs; runs of a few epochs' worth of steps learn
+    # more with a target that follows faster (docs/results.md).
+    byol_tau: float = setting(0.9, "BYOL's target momentum at the start; a cosine raises it to 1 by the "
+                              "last step", _between(0.0, 1.0))
+    predictor_lr_scale: float = setting(10.0, "BYOL's and SimSiam's predictor trains at this x lr", _positive)
+    simclr_temperature: float = setting(0.2, "SimCLR's softmax temperature", _positive)
+    moco_temperature: float = setting(0.2, "MoCo v2's softmax temperature", _positive)
+    moco_queue_size: int = setting(4096, "MoCo v2's queue of negative keys, in embeddings", _at_least(1))
+    moco_tau: float = setting(0.99, "MoCo v2's key-encoder momentum (constant)", _between(0.0, 1.0))
+    init_weights: str = setting("", "weights the first global model starts from: a .pth/.pt state_dict, "
+                                "a .safetensors file or a fedssl export (server only)", _weights_path)
     # data
-    dataset: str = "synthetic"
-    data_path: str = ""
-    # Train on a seeded random subset of this many images (0: all), for quick experiments;
-    # simulation and centralized runs only: a deployed site trains on all of its folder.
-    max_images: int = 0
-    eval_path: str = ""
-    image_size: int = 32
-    blur: bool = False
-    crop_min_scale: float = 0.2
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_client: int = 2
+    dataset: str = setting("synthetic", "where the training images come from (common/datasets.py)",
+                           _choice(_dataset_names))
+    data_path: str = setting("", "the training images: a folder (imagefolder), or where torchvision "
+                             "keeps cifar10/cifar100")
+    # A deployed site trains on all of its folder.
+    max_images: int = setting(0, "train on a seeded random subset of this many images (0: all); "
+                              "simulations and centralized runs only", _at_least(0))
+    eval_path: str = setting("", "labelled folder the server evaluates on (train/ + test/, else a "
+                             "seeded 80/20 split); empty: the training source")
+    image_size: int = setting(32, "side, in pixels, images are resized to", _at_least(8))
+    blur: bool = setting(False, "add Gaussian blur to the augmentation")
+    crop_min_scale: float = setting(0.2, "smallest share of an image a random resized crop keeps",
+                                    _between(0.0, 1.0, low_open=True))
+    partition: str = setting("iid", "how the images are split over simulated clients "
+                             "(common/partition.py)", _choice(_partition_names))
+    alpha: float = setting(0.5, "Dirichlet concentration of the dirichlet partition (smaller: more "
+                           "skewed)", _positive)
+    shards_per_client: int = setting(2, "label-sorted shards each client gets in the shards partition",
+                                     _at_least(1))
     # federation
-    num_rounds: int = 11
+    num_rounds: int = setting(11, "federated rounds (centralized: read as epochs of the schedule)",
+                              _at_least(1))
     # Half the clients a round, as Flower's app template: on one machine the global model
     # advances by about one client's local steps per round however many are averaged, so
     # fewer clients and more rounds learn more per CPU second (docs/results.md).
-    fraction_train: float = 0.5
-    min_train_clients: int = 2
-    round_timeout: float = 600.0
-    node_wait_timeout: float = 120.0
-    max_update_norm_ratio: float = 10.0
+    fraction_train: float = setting(0.5, "share of the connected clients sampled to train each round",
+                                    _between(0.0, 1.0, low_open=True))
+    min_train_clients: int = setting(2, "fewest clients a round samples, and the valid replies it "
+                                     "needs to aggregate", _at_least(1))
+    round_timeout: float = setting(600.0, "seconds a round waits for replies; a client later than "
+                                   "that is rejected", _positive)
+    node_wait_timeout: float = setting(120.0, "seconds to wait for min-train-clients nodes to connect "
+                                       "before the run ends", _positive)
+    max_update_norm_ratio: float = setting(10.0, "reject a reply whose update norm exceeds this x the "
+                                           "round's lower median (0: off)", _off_or_at_least(1.0))
     # aggregation rules beyond fedavg (server/strategies)
-    fedu_threshold: float = 0.4
-    fedema_tau: float = 0.7
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
-    fedadam_lr: float = 0.01
-    fedadam_tau: float = 0.001
-    # Byzantine-robust rules (server/strategies/robust.py): f, the hostile sites a rule must
-    # withstand; FedTrimmedAvg's cut from each end; Multi-Krum's replies kept (0: all but f)
-    num_malicious: int = 1
-    trim_beta: float = 0.2
-    multikrum_keep: int = 0
-    resume: bool = False
+    fedu_threshold: float = setting(0.4, "fedu: a client keeps its own predictor while its last "
+                                    "training's divergence is at least this", _at_least(0.0))
+    fedema_tau: float = setting(0.7, "fedema: the autoscaler; lambda = this / a client's first "
+                                "divergence, decay = min(lambda x divergence, 1)", _positive)
+    server_lr: float = setting(1.0, "fedavgm's server learning rate", _positive)
+    server_momentum: float = setting(0.9, "fedavgm's server momentum, and fedadam's beta_1",
+                                     _between(0.0, 1.0))
+    fedadam_lr: float = setting(0.01, "fedadam's server learning rate (eta)", _positive)
+    fedadam_tau: float = setting(0.001, "fedadam's adaptivity (tau)", _positive)
+    # Byzantine-robust rules (server/strategies/robust.py)
+    num_malicious: int = setting(1, "robust rules: f, the hostile sites a rule must withstand",
+                                 _at_least(0))
+    trim_beta: float = setting(0.2, "fedtrimmedavg: the share of replies cut from each end",
+                               lambda v: None if 0.0 <= v < 0.5 else "must be in [0.0, 0.5)")
+    multikrum_keep: int = setting(0, "multikrum: the replies kept (0: all but num-malicious)",
+                                  _at_least(0))
+    resume: bool = setting(False, "continue the run in out-dir from its checkpoint")
     # local training
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    device: str = "auto"
-    threads: int = 0
-    amp: bool = True
+    local_epochs: int = setting(1, "passes a client makes over its images each round", _at_least(1))
+    batch_size: int = setting(64, "images per local training step", _at_least(2))
+    lr: float = setting(0.05, "local SGD learning rate of round 1; a cosine lowers it over the rounds",
+                        _positive)
+    momentum: float = setting(0.9, "local SGD momentum", _between(0.0, 1.0))
+    weight_decay: float = setting(5e-4, "local SGD weight decay", _at_least(0.0))
+    device: str = setting("auto", "train and evaluate on: auto (cuda > mps > cpu), cpu, cuda, cuda:N or "
+                          "mps; a site's node config `device` wins", _device)
+    threads: int = setting(0, "torch threads per process (0: the CPUs it was given)", _at_least(0))
+    amp: bool = setting(True, "bf16 autocast where the hardware runs it natively (CUDA, CPUs with "
+                        "AVX512-BF16 or AMX)")
     # evaluation and outputs
-    eval_every: int = 1
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    eval_bank_size: int = 10000
-    eval_query_size: int = 10000
-    probe: bool = True
-    seed: int = 0
-    out_dir: str = ""
-    # What the training images are, in words, for the exported encoder's model card.
-    data_description: str = ""
-    # experiment tracking (server/tracking.py): copies of the metrics.jsonl rows
-    tensorboard: bool = False
-    mlflow: bool = False
-    mlflow_uri: str = ""  # empty: an SQLite store in the run directory
-    # privacy (docs/privacy.md): differential privacy on the shared arrays ...
-    dp: str = "none"
-    dp_clip_norm: float = 1.0
-    dp_noise_multiplier: float = 1.0
-    dp_delta: float = 1e-5
-    dp_target_quantile: float = 0.5
-    dp_clip_norm_lr: float = 0.2
-    dp_clipped_count_stddev: float = 1.0
-    # ... and SecAgg+ (the server sees only the sum of the sampled clients' updates)
-    secure_aggregation: bool = False
-    secagg_shares: int = 0
-    secagg_threshold: int = 2
-    secagg_clip_range: float = 8.0
-    secagg_quant_bits: int = 22
-    secagg_max_weight: float = 10000.0
-    # the dtype float arrays travel in, both ways (common/records.py); integer buffers and
-    # the server's global model, checkpoints and exported encoder stay as they are
-    transfer_dtype: str = "float32"
-    # where clients keep their state between rounds (client/state_store.py): empty, Flower's
-    # context.state in memory; a folder, one file per client (a site's node config
-    # `state-dir` takes precedence)
-    client_state_dir: str = ""
+    eval_every: int = setting(1, "evaluate the global model every this many rounds (and after the "
+                              "last)", _at_least(1))
+    knn_k: int = setting(200, "neighbours the kNN monitor's vote counts", _at_least(1))
+    knn_temperature: float = setting(0.1, "temperature of the kNN monitor's weighted vote", _positive)
+    eval_bank_size: int = setting(10000, "most labelled images in the kNN bank (a seeded sample)",
+                                  _at_least(1))
+    eval_query_size: int = setting(10000, "most images the kNN monitor classifies (a seeded sample)",
+                                   _at_least(1))
+    probe: bool = setting(True, "fit a linear probe on the final model's features")
+    seed: int = setting(0, "seeds the partitions, initial weights, client sampling and augmentation")
+    out_dir: str = setting("", "the run directory: metrics, checkpoint, exported encoder (empty: "
+                           "runs/run-<time>)")
+    data_description: str = setting("", "what the training images are, in words, for the exported "
+                                    "encoder's model card")
+    # experiment tracking (server/tracking.py)
+    tensorboard: bool = setting(False, "copy the metrics.jsonl rows to TensorBoard")
+    mlflow: bool = setting(False, "copy the metrics.jsonl rows to MLflow")
+    mlflow_uri: str = setting("", "MLflow tracking URI (empty: an SQLite store in the run directory)")
+    # privacy (docs/privacy.md)
+    dp: str = setting("none", "differential privacy on the shared arrays: none, fixed or adaptive "
+                      "clipping", _choice(lambda: ("none", "fixed", "adaptive")))
+    dp_clip_norm: float = setting(1.0, "DP: the clipping norm (adaptive: its starting value)", _positive)
+    dp_noise_multiplier: float = setting(1.0, "DP: the Gaussian noise's std as a multiple of the "
+                                         "clipping norm", _at_least(0.0))
+    dp_delta: float = setting(1e-5, "DP: the delta the reported epsilon is for",
+                              _between(0.0, 1.0, low_open=True))
+    dp_target_quantile: float = setting(0.5, "adaptive DP: the quantile of update norms the clipping "
+                                        "norm follows", _between(0.0, 1.0))
+    dp_clip_norm_lr: float = setting(0.2, "adaptive DP: the clipping norm's geometric learning rate",
+                                     _positive)
+    dp_clipped_count_stddev: float = setting(1.0, "adaptive DP: the noise's std on the count of "
+                                             "clipped updates", _positive)
+    secure_aggregation: bool = setting(False, "SecAgg+: the server sees only the sum of the sampled "
+                                       "clients' updates")
+    secagg_shares: int = setting(0, "SecAgg+: neighbours holding shares of each site's keys (0: every "
+                                 "sampled site)", lambda v: None if v == 0 or v >= 3
+                                 else "must be 0 (every sampled client) or >= 3")
+    secagg_threshold: int = setting(2, "SecAgg+: fewest sites that must remain for the sum to be "
+                                    "unmasked", _at_least(2))
+    secagg_clip_range: float = setting(8.0, "SecAgg+: each update entry is clipped to +-this before "
+                                       "quantization", _positive)
+    secagg_quant_bits: int = setting(22, "SecAgg+: the bits each clipped entry is quantized to",
+                                     lambda v: None if 8 <= v <= 30 else "must be in [8, 30]")
+    secagg_max_weight: float = setting(10000.0, "SecAgg+: the largest num-examples a site's update may "
+                                       "weigh", _positive)
+    # Integer buffers and the server's global model, checkpoints and exported encoder stay as
+    # they are.
+    transfer_dtype: str = setting("float32", "the dtype float arrays travel in, both ways "
+                                  "(common/records.py)", _choice(_transfer_dtypes))
+    client_state_dir: str = setting("", "folder where clients keep their state between rounds, a "
+                                    "file each (empty: in memory); node config `state-dir` wins")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
@@ -144,8 +260,10 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
-        for name, rule in _RULES.items():
-            problem = rule(getattr(self, name))
+        """Run each field's check, in the fields' order; the first problem is the error."""
+        for name, field in _FIELDS.items():
+            check = field.metadata["check"]
+            problem = check(getattr(self, name)) if check else None
             if problem:
                 key = name.replace("_", "-")
                 raise ConfigError(f"{key}={getattr(self, name)!r} is invalid: {problem}")
@@ -161,6 +279,21 @@ def config_keys() -> list[str]:
 
 def defaults() -> dict[str, Any]:
     return RunConfig().to_mapping()
+
+
+def key_help() -> dict[str, str]:
+    """What each run-config key does, in one line, by hyphenated key."""
+    return {name.replace("_", "-"): f.metadata["help"] for name, f in _FIELDS.items()}
+
+
+def keys_table() -> str:
+    """The README's table of run-config keys (Markdown): key, default as TOML writes it (as
+    `--run-config` and pyproject.toml take it), what it does. tests/test_config.py keeps the
+    README's copy equal to this."""
+    rows = ["| key | default | what it does |", "| --- | --- | --- |"]
+    helps = key_help()
+    rows += [f"| `{key}` | `{json.dumps(default)}` | {helps[key]} |" for key, default in defaults().items()]
+    return "\n".join(rows)
 
 
 def _coerce(key: str, raw: Any, type_name: str) -> Any:
@@ -185,133 +318,3 @@ def _coerce(key: str, raw: Any, type_name: str) -> Any:
 
 
 _ARTICLE = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
-
-
-def _choice(options: Callable[[], Any]) -> Callable[[Any], str | None]:
-    def rule(value: Any) -> str | None:
-        allowed = list(options())
-        return None if value in allowed else f"allowed: {', '.join(map(str, allowed))}"
-    return rule
-
-
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be >= {low}"
-
-
-def _between(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], str | None]:
-    def rule(v: float) -> str | None:
-        ok = (low < v if low_open else low <= v) and v <= high
-        bound = "(" if low_open else "["
-        return None if ok else f"must be in {bound}{low}, {high}]"
-    return rule
-
-
-def _off_or_at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v == 0 or v >= low else f"must be 0 (off) or >= {low}"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _device(v: str) -> str | None:
-    if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
-        return None
-    return "allowed: auto, cpu, cuda, cuda:N, mps"
-
-
-def _weights_path(v: str) -> str | None:
-    # By its form only: clients validate the same config and need not hold the file.
-    suffix = PurePath(v).suffix
-    if not v or suffix in (".pth", ".pt", ".safetensors") or not suffix:
-        return None
-    return "must be empty, a .pth, .pt or .safetensors file, or a folder exported by fedssl"
-
-
-def _method_names():
-    from common.methods import METHODS
-    return METHODS
-
-
-def _encoder_names():
-    from common.encoders import ENCODERS
-    return ENCODERS
-
-
-def _dataset_names():
-    from common.datasets import SOURCES
-    return SOURCES
-
-
-def _transfer_dtypes():
-    from common.records import TRANSFER_DTYPES
-    return TRANSFER_DTYPES
-
-
-def _partition_names():
-    from common.partition import SCHEMES
-    return SCHEMES
-
-
-# The strategy name is checked where strategies live (server/strategies), with the same
-# error type; common/ must not import server/.
-_RULES: dict[str, Callable[[Any], str | None]] = {
-    "method": _choice(_method_names),
-    "encoder": _choice(_encoder_names),
-    "proj_dim": _at_least(1),
-    "hidden_dim": _at_least(1),
-    "byol_tau": _between(0.0, 1.0),
-    "predictor_lr_scale": _positive,
-    "simclr_temperature": _positive,
-    "moco_temperature": _positive,
-    "moco_queue_size": _at_least(1),
-    "moco_tau": _between(0.0, 1.0),
-    "init_weights": _weights_path,
-    "dataset": _choice(_dataset_names),
-    "image_size": _at_least(8),
-    "crop_min_scale": _between(0.0, 1.0, low_open=True),
-    "partition": _choice(_partition_names),
-    "alpha": _positive,
-    "shards_per_client": _at_least(1),
-    "num_rounds": _at_least(1),
-    "fraction_train": _between(0.0, 1.0, low_open=True),
-    "min_train_clients": _at_least(1),
-    "round_timeout": _positive,
-    "node_wait_timeout": _positive,
-    "max_update_norm_ratio": _off_or_at_least(1.0),
-    "fedu_threshold": _at_least(0.0),
-    "fedema_tau": _positive,
-    "server_lr": _positive,
-    "server_momentum": _between(0.0, 1.0),
-    "fedadam_lr": _positive,
-    "fedadam_tau": _positive,
-    "num_malicious": _at_least(0),
-    "trim_beta": lambda v: None if 0.0 <= v < 0.5 else "must be in [0.0, 0.5)",
-    "multikrum_keep": _at_least(0),
-    "local_epochs": _at_least(1),
-    "batch_size": _at_least(2),
-    "lr": _positive,
-    "momentum": _between(0.0, 1.0),
-    "weight_decay": _at_least(0.0),
-    "device": _device,
-    "threads": _at_least(0),
-    "eval_every": _at_least(1),
-    "knn_k": _at_least(1),
-    "knn_temperature": _positive,
-    "max_images": _at_least(0),
-    "eval_bank_size": _at_least(1),
-    "eval_query_size": _at_least(1),
-    "dp": _choice(lambda: ("none", "fixed", "adaptive")),
-    "dp_clip_norm": _positive,
-    "dp_noise_multiplier": _at_least(0.0),
-    "dp_delta": _between(0.0, 1.0, low_open=True),
-    "dp_target_quantile": _between(0.0, 1.0),
-    "dp_clip_norm_lr": _positive,
-    "dp_clipped_count_stddev": _positive,
-    "secagg_shares": lambda v: None if v == 0 or v >= 3 else "must be 0 (every sampled client) or >= 3",
-    "secagg_threshold": _at_least(2),
-    "secagg_clip_range": _positive,
-    "secagg_quant_bits": lambda v: None if 8 <= v <= 30 else "must be in [8, 30]",
-    "secagg_max_weight": _positive,
-    "transfer_dtype": _choice(_transfer_dtypes),
-}

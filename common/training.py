@@ -33,7 +33,7 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(num_images // batch_size, 1)
 
 
-def augmenter(cfg) -> TwoViewAugment:
+def augmenter(cfg: RunConfig) -> TwoViewAugment:
     """The run's method's own two-view recipe at the run's image size. Of the run config,
     `blur` (false: no blur in either view; true: the recipe's per-view probabilities) and
     `crop-min-scale` (replaces the recipe's lower crop bound) override it; the rest is the

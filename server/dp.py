@@ -48,7 +48,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from common.augment import normalize
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from common.methods import build_method
 from server.accounting import epsilon_spent
 from server.round_record import RoundRecord
@@ -70,7 +70,7 @@ ADJACENCY = ("add or remove one site (all its images); a removed, failed or reje
 SENSITIVITY = "C on the sum of clipped updates, C / m on the released mean (m = sites sampled)"
 
 
-def check(cfg) -> None:
+def check(cfg: RunConfig) -> None:
     """Refuse settings DP cannot run with, in one line each."""
     if cfg.dp == "none":
         return
@@ -90,7 +90,7 @@ def _with_unit_weight(reply: Message) -> Message:
     return reply
 
 
-def shared_statistics(cfg) -> frozenset[str]:
+def shared_statistics(cfg: RunConfig) -> frozenset[str]:
     """The shared entries that are buffers, not parameters: BatchNorm's running statistics
     and step counters, computed from a site's images rather than learned."""
     method = build_method(cfg)
@@ -102,7 +102,7 @@ class PrivateRounds:
     """Mixin placed before a Flower client-side DP wrapper whose wrapped strategy is a fedssl
     rule (server/rounds.py's SSLRounds); serves the rest of the server the rule's interface."""
 
-    def setup_privacy(self, cfg) -> None:
+    def setup_privacy(self, cfg: RunConfig) -> None:
         self.mode = cfg.dp
         self.target_noise_multiplier = cfg.dp_noise_multiplier
         self.delta = cfg.dp_delta
@@ -201,14 +201,14 @@ class PrivateRounds:
 
 class FixedClippingSSL(PrivateRounds, DifferentialPrivacyClientSideFixedClipping):
     @classmethod
-    def wrap(cls, cfg, rule) -> "FixedClippingSSL":
+    def wrap(cls, cfg: RunConfig, rule) -> "FixedClippingSSL":
         return cls(rule, noise_multiplier=cfg.dp_noise_multiplier, clipping_norm=cfg.dp_clip_norm,
                    num_sampled_clients=cfg.min_train_clients)
 
 
 class AdaptiveClippingSSL(PrivateRounds, DifferentialPrivacyClientSideAdaptiveClipping):
     @classmethod
-    def wrap(cls, cfg, rule) -> "AdaptiveClippingSSL":
+    def wrap(cls, cfg: RunConfig, rule) -> "AdaptiveClippingSSL":
         try:
             # num_sampled_clients only sets Flower's default count noise, given here instead.
             return cls(rule, noise_multiplier=cfg.dp_noise_multiplier,
@@ -235,7 +235,7 @@ class AdaptiveClippingSSL(PrivateRounds, DifferentialPrivacyClientSideAdaptiveCl
 WRAPPERS = {"fixed": FixedClippingSSL, "adaptive": AdaptiveClippingSSL}
 
 
-def private(cfg, rule):
+def private(cfg: RunConfig, rule):
     """The rule as the run's DP mode needs it: itself without DP."""
     if cfg.dp == "none":
         return rule

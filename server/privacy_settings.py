@@ -1,10 +1,10 @@
 """The settings a privacy mode (DP, server/dp.py; SecAgg+, server/secure.py) rules out."""
 from __future__ import annotations
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 
 
-def refuse_per_update_settings(cfg, mode: str, *, norm_reason: str, dtype_reason: str) -> None:
+def refuse_per_update_settings(cfg: RunConfig, mode: str, *, norm_reason: str, dtype_reason: str) -> None:
     """A privacy mode (docs/privacy.md) rules out the two settings that judge or reshape each
     update on its own: norm screening against the others, and a narrower transfer dtype."""
     if cfg.max_update_norm_ratio != 0:

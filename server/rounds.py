@@ -6,12 +6,13 @@ and server state that let a run resume from a checkpoint."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from common.config import RunConfig
 from common.global_updates import METRIC_PREFIX
 from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
 from server.mean import WeightedMean
@@ -36,7 +37,7 @@ def client_rules(replies: list[Message]) -> dict[str, dict[str, float]]:
     return rules
 
 
-def sampling(cfg) -> dict:
+def sampling(cfg: RunConfig) -> dict:
     """The Flower strategy arguments every rule shares: who trains each round. Evaluation is
     the server's own (server/evaluation.py), so no client is asked to evaluate."""
     return dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
@@ -57,7 +58,7 @@ class SSLRounds:
     # needs the replies themselves (a server optimizer, L-DAWA's angles) leaves this off.
     streams_mean = False
 
-    def setup_rounds(self, cfg) -> None:
+    def setup_rounds(self, cfg: RunConfig) -> None:
         self.min_valid = cfg.min_train_clients
         self.max_norm_ratio = cfg.max_update_norm_ratio
         self.round_timeout = cfg.round_timeout
@@ -79,13 +80,6 @@ class SSLRounds:
 
     def round_record(self, server_round: int) -> RoundRecord | None:
         return self.records.get(server_round)
-
-    @property
-    def round_stats(self) -> dict[int, dict[str, Any]]:
-        """The records as metrics-row fields, for callers written against the old dict
-        (tests/test_batchnorm_stats.py, tests/test_robust_rules.py, benchmarks); new code
-        reads round_record()."""
-        return {server_round: record.row_fields() for server_round, record in self.records.items()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

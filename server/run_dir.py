@@ -38,13 +38,13 @@ def default_out_dir() -> Path:
     return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def weights_metadata(cfg, server_round: int, **extra: Any) -> dict[str, Any]:
+def weights_metadata(cfg: RunConfig, server_round: int, **extra: Any) -> dict[str, Any]:
     """What a checkpoint or exported encoder needs to be rebuilt from its file alone."""
     return {"round": server_round, "method": cfg.method, "encoder": cfg.encoder,
             "image-size": cfg.image_size, "config": cfg.to_mapping(), **extra}
 
 
-def summarize(cfg, history: list[dict[str, Any]], *, seconds: float, encoder: Path,
+def summarize(cfg: RunConfig, history: list[dict[str, Any]], *, seconds: float, encoder: Path,
               out_dir: Path, **extra: Any) -> dict[str, Any]:
     """summary.json: the config, the first and final rows, and the final kNN gain."""
     first, last = history[0].get("knn_top1"), history[-1].get("knn_top1")
@@ -55,7 +55,7 @@ def summarize(cfg, history: list[dict[str, Any]], *, seconds: float, encoder: Pa
 
 
 class RunDir:
-    def __init__(self, path: str | Path, rows: list[dict[str, Any]] = (), cfg=None):
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]] = (), cfg: RunConfig | None = None):
         """`rows`: the history a resumed run continues; rows a killed run wrote after its
         last checkpoint are dropped, so metrics.jsonl and the checkpoint agree. `cfg`: the
         run config, whose tracking keys choose where rows are copied (none without it)."""

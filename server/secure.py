@@ -23,7 +23,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from common.secure_update import SHARED_KEYS, summed_keys
 from server.nodes import wait_for_nodes
 from server.round_record import RoundOffset, RoundRecord
@@ -34,7 +34,7 @@ SECURE_RULES = ("fedavg", "fedu", "fedema")
 WEIGHT_KEY = "num-examples"
 
 
-def check(cfg) -> None:
+def check(cfg: RunConfig) -> None:
     """Refuse settings SecAgg+ cannot run with, in one line each."""
     if not cfg.secure_aggregation:
         return
@@ -67,7 +67,7 @@ def weighted_mean(values: list[tuple[float, dict]]) -> dict[str, float]:
 class SecureRounds(Strategy):
     """A legacy Flower strategy that only ever receives the unmasked mean update."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.offset = RoundOffset()
         self.records: dict[int, RoundRecord] = {}
@@ -184,5 +184,5 @@ class SecureRounds(Strategy):
         return None if scores is None else (0.0, dict(scores))
 
 
-def build(cfg) -> SecureRounds:
+def build(cfg: RunConfig) -> SecureRounds:
     return SecureRounds(cfg)

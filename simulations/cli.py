@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import fedssl
-from common.config import ConfigError, RunConfig, defaults
+from common.config import ConfigError, RunConfig, defaults, key_help
 from fedssl.preflight import HARNESS_DEFAULTS
 from fedssl.run_config import parse_run_config, run_config
 from simulations import analysis_cli, deploy_cli
@@ -55,12 +55,13 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--run-config", dest="run_config", action="append", metavar='"KEY=VALUE ..."',
                          help="run-config keys as `flwr run --run-config` takes them (TOML values, "
                               "strings quoted), or a FILE.toml; the flags below win")
+        helps = key_help()
         for key, default in defaults().items():
             flags = [f"--{key}"] + [f"--{a}" for a, k in ALIASES.items() if k == key]
             # A bare boolean flag (`--resume`) means true.
             bare = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             sub.add_argument(*flags, dest=key, default=None, metavar=type(default).__name__.upper(),
-                             help=f"(default: {default!r})", **bare)
+                             help=f"{helps[key]} (default: {default!r})".replace("%", "%%"), **bare)
         if name == "simulate":
             sub.add_argument("--num-clients", dest="num-clients", type=int, default=None,
                              help=f"virtual clients (default: {HARNESS_DEFAULTS['num-clients']})")

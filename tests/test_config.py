@@ -42,3 +42,43 @@ def test_bad_values_name_key_value_and_allowed(values, fragment):
         RunConfig.from_mapping(values)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_each_key_declares_its_help_and_check_beside_it():
+    import dataclasses
+
+    fields = dataclasses.fields(RunConfig)
+    for field in fields:
+        help_text = field.metadata["help"]
+        assert help_text and "\n" not in help_text and "|" not in help_text, field.name
+    checked = {f.name: f.metadata["check"] for f in fields if f.metadata["check"]}
+    assert checked["batch_size"](1) == "must be >= 2" and checked["batch_size"](2) is None
+    # validate reads the checks from the fields: every checked key refuses a value its check
+    # refuses, naming that key (the strategy is checked where strategies live)
+    assert {f.name for f in fields} - set(checked) == {
+        "strategy", "data_path", "eval_path", "blur", "resume", "amp", "probe", "seed", "out_dir",
+        "data_description", "tensorboard", "mlflow", "mlflow_uri", "secure_aggregation", "client_state_dir"}
+    with pytest.raises(ConfigError, match=r"^trim-beta=0\.5 is invalid: must be in \[0\.0, 0\.5\)$"):
+        RunConfig().replace(trim_beta=0.5)
+
+
+def test_readme_table_of_keys_is_the_generated_one():
+    from common.config import keys_table
+
+    table = keys_table()
+    section = (ROOT / "README.md").read_text().split("\n## Run-config keys\n", 1)[1].split("\n## ", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("|")] == table.splitlines()
+    assert len(table.splitlines()) == 2 + len(defaults())
+    assert "| `batch-size` | `64` | images per local training step |" in table.splitlines()
+
+
+def test_cli_help_shows_what_each_flag_does_and_its_default():
+    from simulations.cli import parser
+
+    for command in ("simulate", "centralized"):
+        sub = parser()._subparsers._group_actions[0].choices[command]
+        helps = {a.dest: a.help for a in sub._actions}
+        assert helps["batch-size"] == "images per local training step (default: 64)"
+        assert helps["dp"].startswith("differential privacy") and helps["dp"].endswith("(default: 'none')")
+        assert all(helps[key] != f"(default: {default!r})" for key, default in defaults().items())
+        sub.format_help()  # a help text with a bare % would fail here

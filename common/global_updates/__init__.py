@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from common.config import RunConfig
 from common.global_updates import fedema, fedu
 from common.global_updates.divergence import encoder_divergence, encoder_kernels
 
@@ -42,7 +43,7 @@ class Previous:
     divergence: float  # how far that training moved its encoder (divergence.py)
 
 
-def take_global(cfg, method, incoming: State, previous: Previous | None, memo: dict,
+def take_global(cfg: RunConfig, method, incoming: State, previous: Previous | None, memo: dict,
                 server_round: int) -> dict:
     method.load_partial(dict(incoming))
     return {}
@@ -58,7 +59,7 @@ class Rule:
     # (BYOL's target) from the global model instead of restoring its own.
     resets_local_state: Callable[[dict[str, float]], bool] = lambda decided_by: False
 
-    def apply(self, cfg, method, incoming: State, kept: State | None, memo: dict,
+    def apply(self, cfg: RunConfig, method, incoming: State, kept: State | None, memo: dict,
               server_round: int) -> dict[str, float]:
         """`kept`: what this node's store holds from `to_keep`, or None."""
         previous = _recall(kept) if kept is not None else None

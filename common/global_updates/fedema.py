@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 
+from common.config import RunConfig
 from common.ema import ema_
 
 log = logging.getLogger("fedssl")
@@ -51,7 +52,7 @@ def took_global(decided_by: dict[str, float]) -> bool:
     return decided_by.get("ema") == 0.0
 
 
-def update(cfg, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
+def update(cfg: RunConfig, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
     if previous is not None and LAMBDA not in memo and previous.divergence > 0:
         memo[LAMBDA] = cfg.fedema_tau / previous.divergence
     numbers = {"divergence": previous.divergence if previous else 0.0,

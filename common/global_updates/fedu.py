@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 
 log = logging.getLogger("fedssl")
 PREDICTOR = "predictor."
@@ -38,7 +38,7 @@ def keeps_local_predictor(divergence: float, threshold: float) -> bool:
     return divergence >= threshold
 
 
-def update(cfg, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
+def update(cfg: RunConfig, method, incoming, previous, memo, server_round: int) -> dict[str, float]:
     require_predictor(cfg.method, incoming)
     state = dict(incoming)
     keep = previous is not None and keeps_local_predictor(previous.divergence, cfg.fedu_threshold)

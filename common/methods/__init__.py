@@ -1,6 +1,7 @@
 """The SSL methods. Adding one is a module here plus an entry in METHODS."""
 from __future__ import annotations
 
+from common.config import RunConfig
 from common.encoders import build_encoder
 from common.methods.barlowtwins import BarlowTwins
 from common.methods.base import HeadSizes, SSLMethod
@@ -22,7 +23,7 @@ def method_type(name: str) -> type[SSLMethod]:
     return METHODS[name]
 
 
-def build_method(cfg) -> SSLMethod:
+def build_method(cfg: RunConfig) -> SSLMethod:
     """The method named by a RunConfig, with its encoder and heads, seeded by cfg.seed so
     every process builds the same initial weights."""
     import torch

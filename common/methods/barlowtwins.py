@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 from common.heads import expander
 from common.methods.base import HeadSizes, SSLMethod
 
@@ -105,7 +106,7 @@ class BarlowTwins(SSLMethod):
         self.lambda_offdiag = lambda_offdiag
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> BarlowTwins:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> BarlowTwins:
         return cls(encoder, feature_dim, heads)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

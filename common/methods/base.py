@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class SSLMethod(nn.Module):
     encoder: nn.Module
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> SSLMethod:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> SSLMethod:
         """The method with the run config's settings for it."""
         raise NotImplementedError
 

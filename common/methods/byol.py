@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 from common.ema import ema_
 from common.heads import mlp
 from common.methods.base import HeadSizes, SSLMethod, frozen_copy
@@ -47,7 +48,7 @@ class BYOL(SSLMethod):
         self.base_tau = base_tau
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> BYOL:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> BYOL:
         return cls(encoder, feature_dim, heads, base_tau=cfg.byol_tau)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 from common.ema import ema_
 from common.heads import mlp
 from common.methods.base import HeadSizes, SSLMethod, frozen_copy
@@ -90,7 +91,7 @@ class MoCoV2(SSLMethod):
         self.init_local()
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> MoCoV2:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> MoCoV2:
         return cls(encoder, feature_dim, heads, temperature=cfg.moco_temperature,
                    queue_size=cfg.moco_queue_size, tau=cfg.moco_tau)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 from common.heads import mlp
 from common.methods.base import HeadSizes, SSLMethod
 
@@ -53,7 +54,7 @@ class SimCLR(SSLMethod):
         self.temperature = temperature
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> SimCLR:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> SimCLR:
         return cls(encoder, feature_dim, heads, temperature=cfg.simclr_temperature)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 from common.heads import mlp
 from common.methods.base import HeadSizes, SSLMethod
 
@@ -46,7 +47,7 @@ class SimSiam(SSLMethod):
         self.predictor = mlp(heads.proj_dim, max(heads.proj_dim // 4, 1), heads.proj_dim)
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> SimSiam:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> SimSiam:
         return cls(encoder, feature_dim, heads)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import ViewRecipe
+from common.config import RunConfig
 from common.heads import expander
 from common.methods.base import HeadSizes, SSLMethod
 
@@ -116,7 +117,7 @@ class VICReg(SSLMethod):
         self.projector = expander(feature_dim, heads.hidden_dim, heads.proj_dim)
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg) -> VICReg:
+    def from_config(cls, encoder: nn.Module, feature_dim: int, heads: HeadSizes, cfg: RunConfig) -> VICReg:
         return cls(encoder, feature_dim, heads)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

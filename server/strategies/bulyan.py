@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Bulyan
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.robust import InSentDtypes, require_replies, select_by_float_distances
 
@@ -15,7 +16,7 @@ class BulyanSSL(SSLRounds, InSentDtypes, Bulyan):
     pass
 
 
-def build(cfg) -> BulyanSSL:
+def build(cfg: RunConfig) -> BulyanSSL:
     require_replies(cfg, 4 * cfg.num_malicious + 3, "Bulyan's bound: 4 f + 3")
     return BulyanSSL(**sampling(cfg), num_malicious_nodes=cfg.num_malicious,
                      selection_rule=select_by_float_distances)

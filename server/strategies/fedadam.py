@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAdam
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
@@ -16,7 +17,7 @@ class FedAdamSSL(SSLRounds, StatisticsAsMean, FedAdam):
     server_state_attrs = ("m_t", "v_t")
 
 
-def build(cfg) -> FedAdamSSL:
+def build(cfg: RunConfig) -> FedAdamSSL:
     strategy = FedAdamSSL(**sampling(cfg), eta=cfg.fedadam_lr, beta_1=cfg.server_momentum,
                           tau=cfg.fedadam_tau)
     strategy.statistics = statistics_keys(cfg)

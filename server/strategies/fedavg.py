@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 
 
@@ -10,5 +11,5 @@ class FedAvgSSL(SSLRounds, FedAvg):
     streams_mean = True
 
 
-def build(cfg) -> FedAvgSSL:
+def build(cfg: RunConfig) -> FedAvgSSL:
     return FedAvgSSL(**sampling(cfg))

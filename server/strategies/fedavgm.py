@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvgM
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
@@ -37,7 +38,7 @@ class FedAvgMSSL(SSLRounds, StatisticsAsMean, FedAvgM):
         self._saved_momentum = state.get(MOMENTUM)
 
 
-def build(cfg) -> FedAvgMSSL:
+def build(cfg: RunConfig) -> FedAvgMSSL:
     strategy = FedAvgMSSL(**sampling(cfg), server_learning_rate=cfg.server_lr,
                           server_momentum=cfg.server_momentum)
     strategy.statistics = statistics_keys(cfg)

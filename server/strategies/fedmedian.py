@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedMedian
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.robust import InSentDtypes, require_replies
 
@@ -14,6 +15,6 @@ class FedMedianSSL(SSLRounds, InSentDtypes, FedMedian):
     pass
 
 
-def build(cfg) -> FedMedianSSL:
+def build(cfg: RunConfig) -> FedMedianSSL:
     require_replies(cfg, 2 * cfg.num_malicious + 1, "a median needs a majority of honest replies: 2 f + 1")
     return FedMedianSSL(**sampling(cfg))

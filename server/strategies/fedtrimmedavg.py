@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedTrimmedAvg
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.robust import InSentDtypes, require_replies
 
@@ -26,7 +26,7 @@ def fewest_replies(beta: float, num_malicious: int) -> int:
     return n
 
 
-def build(cfg) -> FedTrimmedAvgSSL:
+def build(cfg: RunConfig) -> FedTrimmedAvgSSL:
     if cfg.num_malicious and cfg.trim_beta == 0:
         raise ConfigError(f"trim-beta=0.0 is invalid with num-malicious={cfg.num_malicious}: must be > 0, "
                           "or nothing is cut")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Krum
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
 
@@ -14,6 +15,6 @@ class KrumSSL(SSLRounds, InSentDtypes, FloatDistanceKrum, Krum):
     pass
 
 
-def build(cfg) -> KrumSSL:
+def build(cfg: RunConfig) -> KrumSSL:
     require_replies(cfg, 2 * cfg.num_malicious + 3, "Krum's bound: 2 f + 3")
     return KrumSSL(**sampling(cfg), num_malicious_nodes=cfg.num_malicious)

@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
+from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
@@ -68,7 +69,7 @@ class LDAWASSL(SSLRounds, StatisticsAsMean, LDAWA):
     pass
 
 
-def build(cfg) -> LDAWASSL:
+def build(cfg: RunConfig) -> LDAWASSL:
     strategy = LDAWASSL(**sampling(cfg))
     strategy.statistics = statistics_keys(cfg)
     return strategy

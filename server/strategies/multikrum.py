@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import MultiKrum
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from server.rounds import SSLRounds, sampling
 from server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
 
@@ -16,7 +16,7 @@ class MultiKrumSSL(SSLRounds, InSentDtypes, FloatDistanceKrum, MultiKrum):
     pass
 
 
-def build(cfg) -> MultiKrumSSL:
+def build(cfg: RunConfig) -> MultiKrumSSL:
     require_replies(cfg, 2 * cfg.num_malicious + 3, "Krum's bound: 2 f + 3")
     if cfg.multikrum_keep > cfg.min_train_clients - cfg.num_malicious:
         raise ConfigError(f"multikrum-keep={cfg.multikrum_keep} is invalid with min-train-clients="

@@ -24,11 +24,11 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from server.npy_view import as_numpy
 
 
-def require_replies(cfg, needed: int, why: str) -> None:
+def require_replies(cfg: RunConfig, needed: int, why: str) -> None:
     if cfg.min_train_clients < needed:
         raise ConfigError(f"min-train-clients={cfg.min_train_clients} is invalid with strategy="
                           f"{cfg.strategy!r} and num-malicious={cfg.num_malicious}: must be >= "

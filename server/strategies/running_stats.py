@@ -16,11 +16,12 @@ from typing import Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
+from common.config import RunConfig
 from common.methods import build_method
 from server.npy_view import as_numpy
 
 
-def statistics_keys(cfg) -> frozenset[str]:
+def statistics_keys(cfg: RunConfig) -> frozenset[str]:
     """The shared entries of the run's method that are module buffers, not parameters."""
     method = build_method(cfg)
     shared = method.shared_state()
