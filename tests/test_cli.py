@@ -54,3 +54,17 @@ def test_bare_boolean_flags_mean_true_and_resume_needs_a_checkpoint(tmp_path, ca
     assert main(["simulate", "--resume", "--out", str(tmp_path / "gone")]) == 2
     err = capsys.readouterr().err.strip()
     assert "resume=True is invalid" in err and str(tmp_path / "gone") in err and "\n" not in err
+
+
+def test_run_config_text_is_read_as_flwr_run_reads_it_and_flags_win():
+    from simulations.cli import parser, settings
+
+    cfg, harness = settings(parser().parse_args(
+        ["simulate", "--run-config", 'num-rounds=7 method="simsiam" num-clients=4', "--rounds", "3"]))
+    assert (cfg.num_rounds, cfg.method, harness["num-clients"]) == (3, "simsiam", 4)
+
+
+def test_a_bad_run_config_value_is_one_line(capsys):
+    assert main(["simulate", "--run-config", "num-rounds=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedssl: error:") and "num-rounds=0 is invalid" in err and "\n" not in err
