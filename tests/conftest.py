@@ -1,6 +1,7 @@
 """Shared fixtures: small real image folders, a private image cache, tiny run configs."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def write_image_folder(root: Path, per_class: int, seed: int = 0, classes: int =
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
     return root
+
+
+@pytest.fixture
+def fedssl_log(caplog):
+    """caplog, also when the fedssl logger does not propagate (common/logs.py)."""
+    logger = logging.getLogger("fedssl")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="fedssl")
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")

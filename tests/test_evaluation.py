@@ -3,7 +3,6 @@ the global model (server/evaluation.py)."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -180,16 +179,6 @@ def test_monitors_refuse_non_finite_features_rather_than_score_them():
         collapse_std(broken)
     with pytest.raises(ValueError, match=r"linear_probe: test_features .*NaN/Inf"):
         linear_probe(bank, bank_labels, broken, query_labels, epochs=1)
-
-
-@pytest.fixture
-def fedssl_log(caplog):
-    """caplog, also when the fedssl logger does not propagate (common/logs.py)."""
-    logger = logging.getLogger("fedssl")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="fedssl")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _first_batchnorm(module: torch.nn.Module) -> torch.nn.modules.batchnorm._BatchNorm:

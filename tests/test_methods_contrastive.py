@@ -1,6 +1,5 @@
 """SimCLR and MoCo v2: their losses on hand-made vectors, MoCo's queue and key networks,
 the shared/local split, and a few real steps through the clients' training loop."""
-import logging
 import math
 
 import pytest
@@ -155,16 +154,6 @@ def test_init_local_rebuilds_key_networks_and_queue():
     assert torch.equal(method.queue, fresh_queue) and int(method.queue_ptr) == 0
     for k, q in zip(method.key_encoder.state_dict().values(), method.encoder.state_dict().values()):
         assert torch.equal(k, q)
-
-
-@pytest.fixture
-def fedssl_log(caplog):
-    """caplog, also when the fedssl logger does not propagate (common/logs.py)."""
-    logger = logging.getLogger("fedssl")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="fedssl")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _train_tiny(method, num_images: int, epochs: int):
