@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
 from server.rounds import SSLRounds, sampling
-from server.strategies.running_stats import StatisticsAsMean, statistics_keys
+from server.strategies.running_stats import StatisticsAsMean, in_dtype, statistics_keys
 
 
 def layer_weight(client: np.ndarray, glob: np.ndarray) -> float:
@@ -45,7 +45,7 @@ def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]],
             out[key] = mean.astype(first.dtype)
         else:
             mean = sum(layers) / len(clients)
-            out[key] = (np.rint(mean) if first.dtype.kind in "iu" else mean).astype(first.dtype)
+            out[key] = in_dtype(mean, first.dtype)
     return out
 
 

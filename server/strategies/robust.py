@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import ConfigError, RunConfig
 from server.npy_view import as_numpy
+from server.strategies.running_stats import in_dtype
 
 
 def require_replies(cfg: RunConfig, needed: int, why: str) -> None:
@@ -48,11 +49,7 @@ class InSentDtypes:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        out = {}
-        for key, array in arrays.items():
-            value, dtype = array.numpy(), sent[key]
-            out[key] = Array(np.asarray(np.rint(value) if dtype.kind in "iu" else value).astype(dtype))
-        return ArrayRecord(out), metrics
+        return ArrayRecord({key: Array(in_dtype(array.numpy(), sent[key])) for key, array in arrays.items()}), metrics
 
 
 def select_by_float_distances(contents: list[RecordDict], num_malicious: int,

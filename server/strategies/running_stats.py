@@ -28,6 +28,11 @@ def statistics_keys(cfg: RunConfig) -> frozenset[str]:
     return frozenset(name for name, _ in method.named_buffers(remove_duplicate=False) if name in shared)
 
 
+def in_dtype(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`value` as `dtype`, the dtype a site sent: integer step counters rounded, not truncated."""
+    return np.asarray(np.rint(value) if np.dtype(dtype).kind in "iu" else value).astype(dtype)
+
+
 def weighted_mean(records: list[Mapping[str, np.ndarray]], weights: list[float],
                   keys: Iterable[str]) -> dict[str, np.ndarray]:
     """Each key's mean over the records, weighted, in the records' dtype (integers rounded)."""
@@ -35,8 +40,7 @@ def weighted_mean(records: list[Mapping[str, np.ndarray]], weights: list[float],
     out = {}
     for key in keys:
         mean = sum((w / total) * r[key].astype(np.float64) for w, r in zip(weights, records))
-        dtype = records[0][key].dtype
-        out[key] = np.asarray(np.rint(mean) if dtype.kind in "iu" else mean).astype(dtype)
+        out[key] = in_dtype(mean, records[0][key].dtype)
     return out
 
 
