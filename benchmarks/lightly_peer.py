@@ -111,7 +111,7 @@ def build(cfg) -> nn.Module:
     """The lightly model for `cfg.method`, on fedssl's encoder and head sizes, seeded alike."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        encoder, dim = build_encoder(cfg.encoder, cfg.image_size)
+        encoder, dim = build_encoder(cfg.resolved_encoder, cfg.image_size)
         heads = HeadSizes(proj_dim=cfg.proj_dim, hidden_dim=cfg.hidden_dim)
         if cfg.method == "byol":
             return LightlyBYOL(encoder, dim, heads, cfg.byol_tau)

@@ -476,23 +476,25 @@ def _unit(images: torch.Tensor) -> torch.Tensor:
 
 
 class TwoViewAugment:
-    """Two differently augmented, normalised views of a uint8 batch.
+    """Two differently augmented, normalised views of a uint8 batch; or, with ``views=1``
+    (a method that trains on one view, as MAE), view 1 alone, still as a tuple.
 
     >>> view1, view2 = TwoViewAugment(AugmentConfig(image_size=32))(images_uint8)
+    >>> (view1,) = TwoViewAugment(AugmentConfig(image_size=32), views=1)(images_uint8)
     """
 
-    def __init__(self, cfg: AugmentConfig) -> None:
+    def __init__(self, cfg: AugmentConfig, views: int = 2) -> None:
+        if views not in (1, 2):
+            raise ValueError(f"views={views}: a recipe makes 1 or 2 views")
         self.cfg = cfg
+        self.views = views
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         unit = _unit(images)  # shared by both views, never modified
         blur, solarize = self.cfg.blur_probs, self.cfg.solarize_probs
-        return (
-            self._view(unit, blur[0], solarize[0], generator),
-            self._view(unit, blur[1], solarize[1], generator),
-        )
+        return tuple(self._view(unit, blur[i], solarize[i], generator) for i in range(self.views))
 
     def one_view(
         self, images: torch.Tensor, generator: torch.Generator | None = None

@@ -170,7 +170,7 @@ def load_init_weights(method: nn.Module, cfg: RunConfig) -> int:
         named = "; ".join(problems[:NAMED_MISMATCHES])
         more = f"; and {len(problems) - NAMED_MISMATCHES} more" if len(problems) > NAMED_MISMATCHES else ""
         raise ConfigError(
-            f"init-weights={path!r} does not fit encoder={cfg.encoder!r} at image-size="
+            f"init-weights={path!r} does not fit encoder={cfg.resolved_encoder!r} at image-size="
             f"{cfg.image_size} (method={cfg.method!r}): {len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(shapes)} of another shape ({len(problems)} in "
             f"all): {named}{more}")

@@ -85,6 +85,11 @@ def _partition_names():
     return SCHEMES
 
 
+# The simulation's hostile sites (simulations/attacks.py says what each sends). Named here,
+# not read from there: common/ imports nothing of simulations/.
+ATTACKS = ("none", "sign-flip", "scaled-flip", "random", "constant", "noise-images")
+
+
 def setting(default: Any, help: str, check: Check | None = None) -> Any:
     """A RunConfig field: its default, what it does in one line, and its check (None: any
     value of the field's type)."""
@@ -99,7 +104,8 @@ class RunConfig:
     # Checked where strategies live (server/strategies), with the same error type: common/
     # must not import server/.
     strategy: str = setting("fedavg", "the aggregation rule: a module in server/strategies/")
-    encoder: str = setting("resnet10", "the encoder network (common/encoders.py)", _choice(_encoder_names))
+    encoder: str = setting("auto", "the encoder network (common/encoders.py); auto: the method's own "
+                           "(vit_tiny for mae, else resnet10)", _choice(lambda: ("auto", *_encoder_names())))
     proj_dim: int = setting(256, "output size of the projector and predictor heads", _at_least(1))
     hidden_dim: int = setting(1024, "hidden width of the projector and predictor heads", _at_least(1))
     # The paper's 0.99 suits hundreds of epochs; runs of a few epochs' worth of steps learn
@@ -111,6 +117,30 @@ class RunConfig:
     moco_temperature: float = setting(0.2, "MoCo v2's softmax temperature", _positive)
     moco_queue_size: int = setting(4096, "MoCo v2's queue of negative keys, in embeddings", _at_least(1))
     moco_tau: float = setting(0.99, "MoCo v2's key-encoder momentum (constant)", _between(0.0, 1.0))
+    dino_out_dim: int = setting(4096, "DINO's output dimension K, the last layer's outputs", _at_least(2))
+    dino_tau: float = setting(0.996, "DINO's teacher momentum at the start; a cosine raises it to 1 by the "
+                              "last step", _between(0.0, 1.0))
+    dino_teacher_temperature: float = setting(0.04, "DINO's teacher softmax temperature (sharpening)",
+                                              _positive)
+    dino_student_temperature: float = setting(0.1, "DINO's student softmax temperature", _positive)
+    dino_center_momentum: float = setting(0.9, "DINO's centre: EMA momentum toward the teacher's batch "
+                                          "mean", _between(0.0, 1.0))
+    dino_share_center: bool = setting(False, "DINO's centre is averaged by the server instead of kept "
+                                      "at each site")
+    swav_prototypes: int = setting(3000, "SwAV's number of prototypes K", _at_least(2))
+    swav_temperature: float = setting(0.1, "SwAV's softmax temperature of the swapped prediction", _positive)
+    swav_epsilon: float = setting(0.05, "SwAV's Sinkhorn-Knopp regularisation (smaller: sharper codes)",
+                                  _positive)
+    swav_sinkhorn_iterations: int = setting(3, "SwAV's Sinkhorn-Knopp iterations", _at_least(1))
+    swav_share_prototypes: bool = setting(True, "SwAV's prototypes are averaged by the server instead of "
+                                          "kept at each site")
+    mae_mask_ratio: float = setting(0.75, "MAE's share of each image's patches hidden from the encoder",
+                                    lambda v: None if 0.0 < v < 1.0 else "must be in (0.0, 1.0)")
+    mae_decoder_dim: int = setting(128, "MAE's decoder width (heads 32 wide)",
+                                   lambda v: None if v >= 32 and v % 32 == 0 else "must be a multiple of 32")
+    mae_decoder_depth: int = setting(2, "MAE's decoder transformer blocks", _at_least(1))
+    mae_share_decoder: bool = setting(True, "MAE's decoder is averaged by the server instead of kept at "
+                                      "each site")
     init_weights: str = setting("", "weights the first global model starts from: a .pth/.pt state_dict, "
                                 "a .safetensors file or a fedssl export (server only)", _weights_path)
     # data
@@ -166,6 +196,14 @@ class RunConfig:
                                lambda v: None if 0.0 <= v < 0.5 else "must be in [0.0, 0.5)")
     multikrum_keep: int = setting(0, "multikrum: the replies kept (0: all but num-malicious)",
                                   _at_least(0))
+    # Simulated hostile sites (simulations/attacks.py, docs/security.md): only `fedssl simulate`'s
+    # ClientApp acts on these; a deployed SuperNode's ignores them.
+    attack: str = setting("none", "simulation only: what the attacking sites send instead of their "
+                          "honest update (docs/security.md)", _choice(lambda: ATTACKS))
+    attack_sites: int = setting(1, "simulation only: how many sites attack: partitions 0 to this - 1",
+                                _at_least(1))
+    attack_scale: float = setting(0.9, "scaled-flip: the flipped update's norm as a share of screening's "
+                                  "bound (max-update-norm-ratio x the site's honest norm)", _positive)
     resume: bool = setting(False, "continue the run in out-dir from its checkpoint")
     # local training
     local_epochs: int = setting(1, "passes a client makes over its images each round", _at_least(1))
@@ -188,6 +226,13 @@ class RunConfig:
                                   _at_least(1))
     eval_query_size: int = setting(10000, "most images the kNN monitor classifies (a seeded sample)",
                                    _at_least(1))
+    # Anything chosen by a score (a sweep's best cell, a default) must not be chosen on the
+    # test images that then report it: "validation" keeps the test set for the final row.
+    monitor: str = setting("test", "what the per-round kNN monitor queries: test (the held-out "
+                           "evaluation images) or validation (a seeded 10% of the training images, "
+                           "left out of training; the final row adds test); validation: simulations "
+                           "and centralized runs only",
+                           _choice(lambda: ("test", "validation")))
     probe: bool = setting(True, "fit a linear probe on the final model's features")
     seed: int = setting(0, "seeds the partitions, initial weights, client sampling and augmentation")
     out_dir: str = setting("", "the run directory: metrics, checkpoint, exported encoder (empty: "
@@ -260,13 +305,26 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
-        """Run each field's check, in the fields' order; the first problem is the error."""
+        """Run each field's check, in the fields' order; the first problem is the error. Then
+        whether the method can train the encoder (MAE needs a ViT)."""
         for name, field in _FIELDS.items():
             check = field.metadata["check"]
             problem = check(getattr(self, name)) if check else None
             if problem:
                 key = name.replace("_", "-")
                 raise ConfigError(f"{key}={getattr(self, name)!r} is invalid: {problem}")
+        allowed = _method_names()[self.method].encoders
+        if allowed is not None and self.encoder not in ("auto", *allowed):
+            raise ConfigError(f"encoder={self.encoder!r} is invalid with method={self.method!r}: "
+                              f"allowed: auto, {', '.join(allowed)}")
+
+    @property
+    def resolved_encoder(self) -> str:
+        """The encoder this run builds: `encoder`, or for "auto" the method's preferred one
+        (SSLMethod.preferred_encoder). Every reader of the run's encoder reads this."""
+        if self.encoder != "auto":
+            return self.encoder
+        return _method_names()[self.method].preferred_encoder
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

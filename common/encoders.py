@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.vision_transformer import VisionTransformer
+
+from common.vit import describe_vit, vit_recipe, vit_tiny
 
 
 def resnet18(image_size: int) -> tuple[nn.Module, int]:
@@ -59,6 +62,7 @@ ENCODERS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "resnet18": resnet18,
     "resnet10": resnet10,
     "mobilenet_v3_small": mobilenet_v3_small,
+    "vit_tiny": vit_tiny,
 }
 
 
@@ -77,6 +81,8 @@ def describe_encoder(name: str, image_size: int) -> dict[str, Any]:
     if name not in ENCODERS:
         raise ValueError(f"encoder={name!r} is not known; allowed: {', '.join(ENCODERS)}")
     net, dim = ENCODERS[name](image_size)
+    if isinstance(net, VisionTransformer):
+        return describe_vit(net, dim)
     if isinstance(net, ResNet):
         conv = net.conv1
         return {"torchvision_builder": "torchvision.models.resnet.ResNet",
@@ -133,6 +139,8 @@ def torchvision_recipe(name: str, image_size: int, folder: str) -> str:
     """Python that rebuilds the encoder exported in `folder` with plain torchvision +
     safetensors, reading its stem from config.json (the export's model card shows it)."""
     about = describe_encoder(name, image_size)
+    if "vit" in about:
+        return vit_recipe(about, name, folder)
     stem = about["stem"]
     if "blocks_per_stage" in about:
         conv = stem["conv1"]

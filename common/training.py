@@ -19,7 +19,7 @@ from common.methods.base import SSLMethod
 class TrainResult:
     loss: float  # mean loss over the steps
     steps: int
-    images: int  # images passed through (each yields two views)
+    images: int  # images passed through (each yields the method's views)
     seconds: float
 
     @property
@@ -34,12 +34,14 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 
 def augmenter(cfg: RunConfig) -> TwoViewAugment:
-    """The run's method's own two-view recipe at the run's image size. Of the run config,
+    """The run's method's own recipe at the run's image size, making as many views as the
+    method takes (`SSLMethod.views`: two, MAE's one). Of the run config,
     `blur` (false: no blur in either view; true: the recipe's per-view probabilities) and
     `crop-min-scale` (replaces the recipe's lower crop bound) override it; the rest is the
     method's (ViewRecipe.at)."""
-    recipe = method_type(cfg.method).augmentation
-    return TwoViewAugment(recipe.at(cfg.image_size, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale))
+    kind = method_type(cfg.method)
+    return TwoViewAugment(kind.augmentation.at(cfg.image_size, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale),
+                          views=kind.views)
 
 
 @dataclass(frozen=True)
@@ -112,21 +114,25 @@ def train_epochs(
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
     step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for b in range(per_epoch):
-            chunk = images[order[b * batch:(b + 1) * batch]]
-            if pin:
-                chunk = chunk.pin_memory()
-            view1, view2 = augment(chunk.to(device, non_blocking=True), aug_generator)
-            with autocast(device, settings.amp, method.encoder):
-                loss = method(view1, view2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            method.after_step(progress_start + (progress_end - progress_start) * step / total)
-            loss_sum += loss.detach()
+    # What a method draws inside its loss (MAE's masks) comes from the global generators:
+    # seeded here and restored after, so the same seed gives the same steps whatever ran before.
+    with torch.random.fork_rng(devices=None if device.type == "cuda" else []):
+        torch.manual_seed(seed + 2)
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for b in range(per_epoch):
+                chunk = images[order[b * batch:(b + 1) * batch]]
+                if pin:
+                    chunk = chunk.pin_memory()
+                views = augment(chunk.to(device, non_blocking=True), aug_generator)
+                with autocast(device, settings.amp, method.encoder):
+                    loss = method(*views)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                method.after_step(progress_start + (progress_end - progress_start) * step / total)
+                loss_sum += loss.detach()
     mean_loss = float(loss_sum) / max(step, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"training diverged: mean loss {mean_loss}")

@@ -14,7 +14,7 @@ from common.checkpoint import load_init_weights
 from common.config import ConfigError, RunConfig
 from common.device import select_device, set_threads
 from common.logs import get_logger
-from common.methods import build_method
+from common.methods import build_method, encoder_line
 from common.records import to_record
 from server.evaluation import GlobalEvaluator
 from server.nodes import wait_for_nodes
@@ -74,8 +74,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         load_init_weights(method, cfg)  # the initial global model; a no-op without init-weights
     evaluator = GlobalEvaluator(cfg, device)
     nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.node_wait_timeout)
-    log.info("%s + %s, %s encoder, %d rounds, %d client nodes, output in %s",
-             cfg.method, cfg.strategy, cfg.encoder, cfg.num_rounds, nodes, out.path)
+    log.info("%s + %s, %s, %d rounds, %d client nodes, output in %s",
+             cfg.method, cfg.strategy, encoder_line(cfg), cfg.num_rounds, nodes, out.path)
     if start:
         method.load_partial(start.shared)
         strategy.load_server_state(start.server_state)
@@ -101,7 +101,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                         privacy=strategy.privacy_report())
     out.export_encoder(method.shared_state(), weights_metadata(cfg, cfg.num_rounds), summary)
     out.write_summary(summary)
-    log.info("done: kNN top-1 %.4f -> %.4f after %d rounds in %.0f s; encoder: %s",
-             history[0].get("knn_top1", float("nan")), history[-1].get("knn_top1", float("nan")),
+    monitored = "val_knn_top1" if cfg.monitor == "validation" else "knn_top1"
+    log.info("done: %s %.4f -> %.4f after %d rounds in %.0f s; encoder: %s", monitored,
+             history[0].get(monitored) or float("nan"), history[-1].get(monitored) or float("nan"),
              cfg.num_rounds, summary["seconds"], encoder_path)
     return summary

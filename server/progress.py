@@ -26,9 +26,11 @@ def progress_line(row: dict[str, Any], total: int, unit: str = "round",
             parts.append("too few valid replies: global model kept")
         if row.get("train_loss") is not None:
             parts.append(f"loss {row['train_loss']:.4f}")
-    if "knn_top1" in row:
+    if row.get("val_knn_top1") is not None:  # monitor = validation
+        parts.append(f"validation kNN top-1 {row['val_knn_top1']:.4f}")
+    if row.get("knn_top1") is not None:
         parts.append(f"kNN top-1 {row['knn_top1']:.4f}")
-    if "probe_top1" in row:
+    if row.get("probe_top1") is not None:
         parts.append(f"probe {row['probe_top1']:.4f}")
     parts.append(f"{row['seconds']:.1f} s")
     if eta is not None and row["round"] < total:

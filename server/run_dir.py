@@ -25,11 +25,13 @@ ENCODER_DIR = "encoder"
 # The file earlier runs exported; the same bytes as encoder/model.safetensors, kept for the
 # readers that still open it.
 LEGACY_ENCODER_FILE = "encoder.safetensors"
-FEATURES = ("the encoder's output in eval mode (BatchNorm running statistics): the last stage's "
-            "activations, global-average-pooled ({dim} values; the torchvision classifier "
-            "replaced by Identity). knn_top1 votes among the k={k} nearest bank images by cosine "
-            "similarity of these features (temperature {t}); probe_top1 is a linear classifier "
-            "trained on them (frozen encoder)")
+FEATURES = ("the encoder's output in eval mode: {pooled} ({dim} values; the torchvision "
+            "classifier replaced by Identity). knn_top1 votes among the k={k} nearest bank images "
+            "by cosine similarity of these features (temperature {t}); probe_top1 is a linear "
+            "classifier trained on them (frozen encoder)")
+# A CNN's feature; an encoder whose output is another (the ViT's class token) names it in its
+# description's "pooled_feature" (common/encoders.py).
+POOLED = "the last stage's activations (BatchNorm running statistics), global-average-pooled"
 INPUT = ("RGB, the shorter side resized to image_size (bicubic) and centre-cropped, scaled to "
          "[0, 1], then normalised with mean and std per channel")
 
@@ -40,16 +42,22 @@ def default_out_dir() -> Path:
 
 def weights_metadata(cfg: RunConfig, server_round: int, **extra: Any) -> dict[str, Any]:
     """What a checkpoint or exported encoder needs to be rebuilt from its file alone."""
-    return {"round": server_round, "method": cfg.method, "encoder": cfg.encoder,
+    return {"round": server_round, "method": cfg.method, "encoder": cfg.resolved_encoder,
             "image-size": cfg.image_size, "config": cfg.to_mapping(), **extra}
+
+
+def _gain(history: list[dict[str, Any]], key: str) -> float | None:
+    first, last = history[0].get(key), history[-1].get(key)
+    return None if first is None or last is None else last - first
 
 
 def summarize(cfg: RunConfig, history: list[dict[str, Any]], *, seconds: float, encoder: Path,
               out_dir: Path, **extra: Any) -> dict[str, Any]:
-    """summary.json: the config, the first and final rows, and the final kNN gain."""
-    first, last = history[0].get("knn_top1"), history[-1].get("knn_top1")
+    """summary.json: the config, the first and final rows, and the final kNN gain (on the
+    test images; under monitor = validation, whose first row never reads them, on validation)."""
     return {"config": cfg.to_mapping(), "initial": history[0], "final": history[-1],
-            "knn_top1_gain": None if first is None or last is None else last - first,
+            "knn_top1_gain": _gain(history, "knn_top1"),
+            "val_knn_top1_gain": _gain(history, "val_knn_top1"),
             "seconds": round(seconds, 3), "encoder": str(encoder), "out_dir": str(out_dir),
             **extra}
 
@@ -114,18 +122,19 @@ def fedssl_version() -> str:
 
 def encoder_config(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """config.json: what a user needs to rebuild and feed the encoder, and how it was made."""
-    about = describe_encoder(cfg.encoder, cfg.image_size)
+    about = describe_encoder(cfg.resolved_encoder, cfg.image_size)
     final, privacy = summary["final"], summary.get("privacy") or {}
     source, path = eval_source(cfg)
     centralized = bool(summary.get("centralized"))
     return {
-        "architecture": cfg.encoder,
+        "architecture": cfg.resolved_encoder,
         **about,
         "image_size": cfg.image_size,
         "input": INPUT,
         "mean": list(MEAN),
         "std": list(STD),
-        "features": FEATURES.format(dim=about["num_features"], k=cfg.knn_k, t=cfg.knn_temperature),
+        "features": FEATURES.format(pooled=about.get("pooled_feature", POOLED), dim=about["num_features"],
+                                    k=cfg.knn_k, t=cfg.knn_temperature),
         "method": cfg.method,
         "strategy": "centralized" if centralized else cfg.strategy,
         "rounds": final["round"],  # epochs over the pooled data for the centralized baseline
@@ -184,20 +193,20 @@ def model_card(cfg: RunConfig, config: dict[str, Any]) -> str:
     privacy = _privacy_text(config)
     rows = [("method", f"`{cfg.method}`"), ("training", how),
             ("rounds" if not centralized else "epochs", config["rounds"]),
-            ("encoder", f"`{cfg.encoder}` ({config['num_features']} features), "
+            ("encoder", f"`{config['architecture']}` ({config['num_features']} features), "
                         f"{cfg.image_size}x{cfg.image_size} px"),
             ("local epochs, batch, lr", f"{cfg.local_epochs}, {cfg.batch_size}, {cfg.lr:g}"),
             ("started from", f"`{cfg.init_weights}`" if cfg.init_weights else "random initialisation"),
             ("privacy", privacy), ("seed", cfg.seed), ("fedssl", config["fedssl_version"])]
     settings = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    recipe = torchvision_recipe(cfg.encoder, cfg.image_size, ".")
+    recipe = torchvision_recipe(config["architecture"], cfg.image_size, ".")
     return f"""---
 library_name: fedssl
 pipeline_tag: image-feature-extraction
-tags: [self-supervised-learning, federated-learning, {cfg.method}, {cfg.encoder}]
+tags: [self-supervised-learning, federated-learning, {cfg.method}, {config["architecture"]}]
 ---
 
-# {cfg.encoder} encoder trained with {cfg.method} ({"centralized" if centralized else cfg.strategy})
+# {config["architecture"]} encoder trained with {cfg.method} ({"centralized" if centralized else cfg.strategy})
 
 Written by fedssl {config["fedssl_version"]} at the end of the run. `model.safetensors` holds
 the encoder's weights under torchvision's parameter names; `config.json` holds what this card

@@ -12,7 +12,7 @@ from common.config import RunConfig
 from common.datasets import ImageSet, training_images
 from common.device import select_device, set_threads
 from common.logs import get_logger
-from common.methods import build_method
+from common.methods import build_method, encoder_line
 from common.schedules import round_lr
 from common.training import StepSettings, augmenter, train_epochs
 from server.evaluation import GlobalEvaluator
@@ -31,7 +31,7 @@ def pooled_images(cfg: RunConfig) -> ImageSet:
     """All the images the federated run's clients share among them: the training images less
     the server's held-out evaluation images (common.datasets.training_images)."""
     return training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed,
-                           eval_path=cfg.eval_path)
+                           eval_path=cfg.eval_path, validation=cfg.monitor == "validation")
 
 
 def run_centralized(cfg: RunConfig) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     augment = augmenter(cfg)
     epochs = pooled_epochs(cfg)
     start = time.perf_counter()
-    log.info("centralized %s: %d images, %d epochs", cfg.method, len(data), epochs)
+    log.info("centralized %s, %s: %d images, %d epochs", cfg.method, encoder_line(cfg), len(data), epochs)
     with Progress(epochs, unit="epoch") as progress:
         history = [{"round": 0, **evaluator(method), "seconds": 0.0}]
         out.append_metrics(history[0])
@@ -61,7 +61,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
                 settings=StepSettings.from_config(cfg, lr=round_lr(epoch, epochs, cfg.lr)))
             final = epoch == epochs
             evaluate = final or epoch % cfg.eval_every == 0
-            scores = evaluator(method, probe=final and cfg.probe) if evaluate else {}
+            scores = evaluator(method, probe=final and cfg.probe, final=final) if evaluate else {}
             row = {"round": epoch, **scores, "train_loss": result.loss,
                    "client_images_per_second": result.images_per_second,
                    "seconds": round(time.perf_counter() - tick, 3)}

@@ -10,7 +10,7 @@ from simulations.cli import main
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--method", "mae"], "method='mae' is invalid: allowed: byol, simsiam"),
+    (["--method", "ijepa"], "method='ijepa' is invalid: allowed: byol, simsiam"),
     (["--dataset", "imagenet"], "dataset='imagenet' is invalid: allowed:"),
     (["--strategy", "fedfoo"], "strategy='fedfoo' is invalid: allowed: fedavg"),
     (["--rounds", "0"], "num-rounds=0 is invalid: must be >= 1"),

@@ -23,7 +23,7 @@ def test_from_mapping_coerces_text_and_keeps_defaults():
 
 
 @pytest.mark.parametrize("values, fragment", [
-    ({"method": "mae"}, "method='mae' is invalid: allowed: byol, simsiam"),
+    ({"method": "ijepa"}, "method='ijepa' is invalid: allowed: byol, simsiam"),
     ({"encoder": "vit"}, "encoder='vit' is invalid: allowed:"),
     ({"dataset": "imagenet"}, "dataset='imagenet' is invalid: allowed:"),
     ({"partition": "zipf"}, "partition='zipf' is invalid"),
@@ -57,7 +57,8 @@ def test_each_key_declares_its_help_and_check_beside_it():
     # refuses, naming that key (the strategy is checked where strategies live)
     assert {f.name for f in fields} - set(checked) == {
         "strategy", "data_path", "eval_path", "blur", "resume", "amp", "probe", "seed", "out_dir",
-        "data_description", "tensorboard", "mlflow", "mlflow_uri", "secure_aggregation", "client_state_dir"}
+        "data_description", "tensorboard", "mlflow", "mlflow_uri", "secure_aggregation", "client_state_dir",
+        "dino_share_center", "swav_share_prototypes", "mae_share_decoder"}
     with pytest.raises(ConfigError, match=r"^trim-beta=0\.5 is invalid: must be in \[0\.0, 0\.5\)$"):
         RunConfig().replace(trim_beta=0.5)
 

@@ -214,6 +214,26 @@ def test_privacy_modes_run_at_the_sites_with_no_site_setting(finished_run, priva
 
 
 @pytest.mark.engine
+@pytest.mark.parametrize("method", ["vicreg", "barlowtwins", "dino", "swav", "mae"])
+def test_every_family_trains_at_the_sites(finished_run, method):
+    """The newer families (redundancy reduction, self-distillation, clustering, masked
+    modelling on its own ViT) run at real sites as the first ones do: one round, both sites'
+    updates aggregated, the shared encoder moved."""
+    deployment, _, plain_out, cfg = finished_run
+    out = plain_out.parent / method
+    values = dict(dataset="imagefolder", data_path=cfg.data_path, eval_path=cfg.eval_path,
+                  method=method, num_rounds=1, out_dir=str(out), threads=1, **TINY)
+    proc = deployment.run(run_config(values))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients_ok"]) for r in rows] == [(0, 0), (1, 2)]
+    initial = build_method(RunConfig(**values)).shared_state()
+    state, meta = load_weights(out / "checkpoint.safetensors")
+    assert meta["method"] == method and set(state) == set(initial)
+    assert any(not torch.equal(state[k], initial[k]) for k in initial if k.startswith("encoder."))
+
+
+@pytest.mark.engine
 def test_an_unregistered_site_is_refused(deployment, image_folder):
     proc = deployment.start_site("rogue", image_folder, max_wait=5)
     assert proc.wait(timeout=60) != 0

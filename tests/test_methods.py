@@ -140,6 +140,9 @@ PAPER_RECIPES = {
     # both authors' code use BYOL's asymmetric recipe (vicreg: augmentations.py; barlowtwins: main.py)
     "vicreg": ((0.08, 1.0), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, (1.0, 0.1), (0.0, 0.2)),
     "barlowtwins": ((0.08, 1.0), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, (1.0, 0.1), (0.0, 0.2)),
+    "dino": ((0.14, 1.0), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, (1.0, 0.1), (0.0, 0.2)),  # main_dino.py global crops
+    "swav": ((0.08, 1.0), 0.8, 0.8, 0.8, 0.8, 0.2, 0.2, (0.5, 0.5), (0.0, 0.0)),  # main_swav.py, two views
+    "mae": ((0.2, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, (0.0, 0.0), (0.0, 0.0)),  # main_pretrain.py: crop + flip
 }
 
 

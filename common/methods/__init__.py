@@ -6,14 +6,20 @@ from common.encoders import build_encoder
 from common.methods.barlowtwins import BarlowTwins
 from common.methods.base import HeadSizes, SSLMethod
 from common.methods.byol import BYOL
+from common.methods.dino import DINO
+from common.methods.mae import MAE
 from common.methods.mocov2 import MoCoV2
 from common.methods.simclr import SimCLR
 from common.methods.simsiam import SimSiam
+from common.methods.swav import SwAV
 from common.methods.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simsiam": SimSiam, "simclr": SimCLR, "mocov2": MoCoV2}
 METHODS["vicreg"] = VICReg
 METHODS["barlowtwins"] = BarlowTwins
+METHODS["dino"] = DINO
+METHODS["swav"] = SwAV
+METHODS["mae"] = MAE
 
 
 def method_type(name: str) -> type[SSLMethod]:
@@ -21,6 +27,13 @@ def method_type(name: str) -> type[SSLMethod]:
     if name not in METHODS:
         raise ValueError(f"method={name!r} is not known; allowed: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def encoder_line(cfg: RunConfig) -> str:
+    """The run's encoder as its log names it, saying when the method picked it."""
+    if cfg.encoder == "auto":
+        return f"{cfg.resolved_encoder} encoder ({cfg.method}'s own: encoder=auto)"
+    return f"{cfg.resolved_encoder} encoder"
 
 
 def build_method(cfg: RunConfig) -> SSLMethod:
@@ -31,6 +44,6 @@ def build_method(cfg: RunConfig) -> SSLMethod:
     kind = method_type(cfg.method)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        encoder, dim = build_encoder(cfg.encoder, cfg.image_size)
+        encoder, dim = build_encoder(cfg.resolved_encoder, cfg.image_size)
         heads = HeadSizes(proj_dim=cfg.proj_dim, hidden_dim=cfg.hidden_dim)
         return kind.from_config(encoder, dim, heads, cfg)

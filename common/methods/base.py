@@ -17,16 +17,23 @@ class HeadSizes:
 
 
 class SSLMethod(nn.Module):
-    """An SSL method: its networks, its loss on two views, its update after each step.
+    """An SSL method: its networks, its loss on its views, its update after each step.
 
     `shared_prefixes` name the state_dict entries the server aggregates; every other entry
     (a BYOL target, a MoCo queue) is local state that stays on the client between rounds.
     `encoder` is the backbone that is evaluated and exported. `augmentation` is the
-    method's two-view recipe from its paper (common/training.py's `augmenter` builds the
+    method's view recipe from its paper (common/training.py's `augmenter` builds the
     run's views from it), so the training loop never asks which method it trains.
     """
 
     shared_prefixes: tuple[str, ...] = ()
+    # How many augmented views of each image `forward` takes: the recipe's view 1 (and view 2),
+    # as common/training.py's `augmenter` makes them. MAE takes one.
+    views: int = 2
+    # The encoder `encoder = "auto"` (the run config's default) builds, and the encoders the
+    # method can train (None: any in common/encoders.py); RunConfig resolves and checks both.
+    preferred_encoder: str = "resnet10"
+    encoders: tuple[str, ...] | None = None
     # Trained at predictor-lr-scale x the round's lr, so it decays with the schedule as
     # every other group does (common/training.py's param_groups).
     predictor_prefixes: tuple[str, ...] = ()
@@ -38,8 +45,8 @@ class SSLMethod(nn.Module):
         """The method with the run config's settings for it."""
         raise NotImplementedError
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        """The loss for a batch of paired views."""
+    def forward(self, *views: torch.Tensor) -> torch.Tensor:
+        """The loss for a batch of `views` views (view1, view2 for most methods)."""
         raise NotImplementedError
 
     def after_step(self, progress: float) -> None:
