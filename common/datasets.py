@@ -32,7 +32,8 @@ import logging
 import numpy as np
 import torch
 
-from common.eval_split import carved_folder, folder_for_split, held_out_split, load_folder_eval_split
+from common.eval_split import (carved_folder, folder_for_split, held_out_split, load_folder_eval_split,
+                               without_validation)
 from common.image_cache import load_folder
 from common.image_set import DataError, ImageSet
 from common.synthetic import SYNTHETIC_CLASSES, render_synthetic
@@ -73,7 +74,8 @@ def load_images(
 
 
 def training_images(
-    source: str, path: str, image_size: int, max_images: int, seed: int, *, eval_path: str = ""
+    source: str, path: str, image_size: int, max_images: int, seed: int, *, eval_path: str = "",
+    validation: bool = False,
 ) -> ImageSet:
     """The images a simulation shares out to its clients, or the centralized baseline pools:
     the ``train`` split less the evaluation's held-out images, cut to a seeded ``max_images``
@@ -84,13 +86,20 @@ def training_images(
     rows ``held_out_split`` holds out for seed ``seed`` are removed: the server computes
     the same rows from the same seed, so no query or probe-test image is trained on. An
     unlabelled folder has no such split (the evaluation refuses it), so it is kept whole.
+    ``validation`` (run-config ``monitor = "validation"``): the validation rows, carved from
+    what remains (common.eval_split.validation_split), are removed as well.
+
+    A folder's images are read from the image cache a batch at a time (ImageSet.read_on_demand):
+    every process that trains on them, or only counts them, holds none of their pixels.
     """
-    images = load_images(source, path, image_size, seed=seed)
+    images = load_images(source, path, image_size, seed=seed).read_on_demand()
     if carved_folder(source, path, eval_path) is not None and images.labels is not None:
         kept_rows, held_rows = held_out_split(images.labels.numpy(), seed)
         logger.info("%d of the %d images in %s are held out for evaluation, never trained on",
                     len(held_rows), len(images), path)
         images = dataclasses.replace(images.subset(kept_rows), skipped=images.skipped)
+    if validation:
+        images = without_validation(images, seed, path or source)
     return images.sample(max_images, seed)
 
 

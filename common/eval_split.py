@@ -6,6 +6,13 @@ seeded, stratified split of it (:func:`held_out_split`, ``EVAL_TEST_FRACTION`` o
 computed from the seed alone on every client and on the server, so the clients leave out
 exactly the rows the server queries with. Folders that overlap in any other way are refused
 (:func:`carved_folder`).
+
+The validation split (run-config ``monitor = "validation"``) is carved from the training
+images, after any held-out rows are gone: ``VALIDATION_FRACTION`` of each class, seeded
+(:func:`validation_split`), a function of the labels and the seed alone like the held-out
+split, so the server's validation queries and the clients' training images never meet
+(:func:`without_validation`). Labels are read only to stratify and to score: what is
+chosen on validation (a sweep's best cell) then meets the test images once, in the final row.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from common.image_cache import load_folder
 from common.image_set import DataError, ImageSet
 
 EVAL_TEST_FRACTION = 0.2  # held-out share of a labelled folder without train/ and test/
+VALIDATION_FRACTION = 0.1  # share of the training images the validation monitor queries
+# Separate RNG streams: a validation split must not repeat the held-out split's draw.
+_HELD_OUT_STREAM, _VALIDATION_STREAM = 0x5E1, 0x7A1
 
 
 def folder_for_split(path: str, split: str) -> Path:
@@ -43,7 +53,37 @@ def held_out_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
     """(kept rows, held-out rows) of a labelled folder carved for evaluation: seeded and
     stratified, ``EVAL_TEST_FRACTION`` of every class (of 2 or more images) held out.
     A function of the labels and the seed alone, so clients and server agree without talking."""
-    return _stratified_split(labels, EVAL_TEST_FRACTION, seed)
+    return _stratified_split(labels, EVAL_TEST_FRACTION, seed, _HELD_OUT_STREAM)
+
+
+def validation_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of the training images: seeded and stratified,
+    ``VALIDATION_FRACTION`` of every class (of 2 or more images)."""
+    return _stratified_split(labels, VALIDATION_FRACTION, seed, _VALIDATION_STREAM)
+
+
+def without_validation(images: ImageSet, seed: int, where: str) -> ImageSet:
+    """``images`` less their validation rows: what clients train on under the validation
+    monitor. ``where`` names the images in the error an unlabelled set gets."""
+    kept, _ = validation_split(_labels_for_validation(images, where), seed)
+    return dataclasses.replace(images.subset(kept), skipped=images.skipped)
+
+
+def split_validation(images: ImageSet, seed: int, where: str) -> tuple[ImageSet, ImageSet]:
+    """(bank, queries) of the validation monitor: the training images less the validation
+    rows, and the validation rows."""
+    kept, validation = validation_split(_labels_for_validation(images, where), seed)
+    if len(validation) == 0:
+        raise DataError(f"the training images {where!r} are too small for a validation split "
+                        f"({len(images)} images): every class needs at least 2 images")
+    return dataclasses.replace(images.subset(kept), skipped=images.skipped), images.subset(validation)
+
+
+def _labels_for_validation(images: ImageSet, where: str) -> np.ndarray:
+    if images.labels is None:
+        raise DataError(f"monitor='validation' needs labelled training images, and {where!r} is "
+                        "unlabelled (no class subfolders); use monitor='test'")
+    return images.labels.numpy()
 
 
 def evaluation_source(source: str, path: str, eval_path: str) -> tuple[str, str]:
@@ -133,8 +173,9 @@ def _align_classes(test: ImageSet, train_classes: tuple[str, ...], folder: Path)
     return ImageSet(test.images, mapping[test.labels], train_classes, test.skipped)
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([seed, 0x5E1])
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
+                      stream: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, stream])
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))

@@ -30,7 +30,7 @@ def preflight(cfg: RunConfig, num_clients: int | None) -> None:
         load_init_weights(build_method(cfg), cfg)
     build_strategy(cfg)
     images = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed,
-                             eval_path=cfg.eval_path)
+                             eval_path=cfg.eval_path, validation=cfg.monitor == "validation")
     if num_clients is not None:
         if num_clients < cfg.min_train_clients:
             raise ConfigError(f"num-clients={num_clients} is invalid: must be >= "

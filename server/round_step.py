@@ -48,7 +48,7 @@ class RoundRecorder:
         """The global model's scores on eval-every rounds and the last (with the probe)."""
         final = server_round == self.cfg.num_rounds
         if final or server_round % self.cfg.eval_every == 0:
-            return self.evaluator(self.method, probe=final and self.cfg.probe)
+            return self.evaluator(self.method, probe=final and self.cfg.probe, final=final)
         return {}
 
     def row(self, server_round: int, scores: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,10 @@ ENCODER_HELP = "a run's exported encoder: OUT/encoder (or its model.safetensors)
 
 
 def add_commands(commands) -> None:
-    sub = commands.add_parser("plot", help="kNN top-1 and train loss per round of runs, as a PNG")
+    sub = commands.add_parser("plot", help="kNN top-1 and train loss per round of runs, or a sweep's "
+                              "cells with bands, as a PNG")
     sub.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                     help="run output directories (holding metrics.jsonl)")
+                     help="run output directories (holding metrics.jsonl), or one sweep folder")
     sub.add_argument("--out", required=True, type=Path, metavar="FILE.png")
 
     sub = commands.add_parser("evaluate", help="an exported encoder on a labelled image folder")
@@ -80,11 +81,11 @@ def embed_folder(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from common.datasets import DataError
-    from simulations.plot import PlotError, plot_runs
+    from simulations.plot import PlotError, plot
 
     try:
         if args.command == "plot":
-            result = {"out": str(plot_runs(args.run_dirs, args.out)), "runs": len(args.run_dirs)}
+            result = plot(args.run_dirs, args.out)
         elif args.command == "evaluate":
             result = evaluate(args)
         else:

@@ -1,6 +1,7 @@
 """The `fedssl` command: `simulate` (federated, on Flower's simulation engine) and
 `centralized` (the pooled-data baseline), where every run-config key is also a flag; the
-deployment commands (deploy_cli) and those that use a run's outputs (analysis_cli)."""
+deployment commands (deploy_cli), those that use a run's outputs (analysis_cli), and
+`sweep` / `sweep-report` (settings x seeds, with intervals: sweep)."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import fedssl
 from common.config import ConfigError, RunConfig, defaults, key_help
 from fedssl.preflight import HARNESS_DEFAULTS
 from fedssl.run_config import parse_run_config, run_config
-from simulations import analysis_cli, deploy_cli
+from simulations import analysis_cli, deploy_cli, sweep
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Flags that are easier to type than their run-config keys.
@@ -73,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
                              help="connect to an existing Ray cluster instead of starting one")
     deploy_cli.add_commands(commands)
     analysis_cli.add_commands(commands)
+    sweep.add_commands(commands)
     return top
 
 
@@ -173,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return deploy_cli.run(args)
     if args.command in analysis_cli.COMMANDS:
         return analysis_cli.run(args)
+    if args.command in sweep.COMMANDS:
+        return sweep.run(args)
     import common.checkpoint  # noqa: F401  read by the signal handler, which must not import
     from common.datasets import DataError
 

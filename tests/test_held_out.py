@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def rows(images) -> set[bytes]:
-    """Pixel content of every image: identifies an image in a set of distinct images."""
-    return {r.tobytes() for r in images.images.reshape(len(images), -1).numpy()}
+    """Pixel content of every image: identifies an image in a set of distinct images.
+    (`[:]` reads them all: a client's images are read from the image cache on demand.)"""
+    return {r.tobytes() for r in images.images[:].reshape(len(images), -1).numpy()}
 
 
 def trained_on(cfg, clients: int = CLIENTS) -> set[bytes]:
@@ -98,7 +99,7 @@ def test_clients_and_server_hold_out_the_same_images_without_talking(image_folde
         f"    parts = [local_images(cfg, {{'partition-id': i, 'num-partitions': {CLIENTS}}}) "
         f"for i in range({CLIENTS})]\n"
         "    return sorted({hashlib.sha1(r.tobytes()).hexdigest() for p in parts "
-        "for r in p.images.reshape(len(p), -1).numpy()})\n"
+        "for r in p.images[:].reshape(len(p), -1).numpy()})\n"
         "print(json.dumps([trained(RunConfig.from_mapping(m)) for m in json.loads(sys.argv[1])]))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, json.dumps([c.to_mapping() for c in configs])],
