@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Mapping
+from typing import Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,6 +16,7 @@ from client.secure import secure_rounds_mod
 from client.state_store import Store, state_store
 from client.transfer import transfer_mod
 from common.config import RunConfig
+from common.image_set import ImageSet
 from common.device import select_device, set_threads
 from common.global_updates import METRIC_PREFIX, Rule, rule_for
 from common.methods import build_method
@@ -107,15 +108,16 @@ def enter_global(cfg: RunConfig, method, arrays: ArrayRecord, context: Context,
     return rule, decided_by, rule.starting_point(method.shared_state())
 
 
-def train_round(sent_config: Mapping, global_arrays: ArrayRecord,
-                context: Context) -> tuple[dict, MetricRecord]:
+def train_round(sent_config: Mapping, global_arrays: ArrayRecord, context: Context, *,
+                images: Callable[[RunConfig, Mapping], ImageSet] = local_images) -> tuple[dict, MetricRecord]:
     """One round of local training from the global shared arrays and the round's config:
     this node's new shared state and its metrics. Plain and SecAgg+ rounds
-    (client/secure.py) both run it."""
+    (client/secure.py) both run it; the simulation's poisoned sites (simulations/attacks.py)
+    run it on other `images`."""
     cfg, server_round = round_config(sent_config)
     threads = set_threads(int(context.node_config.get("threads", cfg.threads)))
     device = select_device(str(context.node_config.get("device", cfg.device)))
-    data = local_images(cfg, context.node_config)
+    data = images(cfg, context.node_config)
 
     method = built_method(cfg)
     store = state_store(context, cfg.client_state_dir)

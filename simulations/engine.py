@@ -18,9 +18,9 @@ from flwr.supercore.telemetry import EventType
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 
-from client.app import app as client_app
 from common.config import RunConfig
 from server.app import run_federation
+from simulations import attacks
 
 
 def backend_config(client_cpus: float, client_gpus: float, ray_address: str | None) -> dict:
@@ -56,9 +56,11 @@ def stoppable(grid: Grid, stopping: threading.Event) -> Grid:
 
 def simulate(cfg: RunConfig, *, num_clients: int, client_cpus: float = 2.0,
              client_gpus: float = 0.0, ray_address: str | None = None,
-             client: ClientApp = client_app) -> dict[str, Any]:
+             client: ClientApp = attacks.app) -> dict[str, Any]:
     """Run a federated simulation of `num_clients` virtual clients; return the summary.
-    `client` replaces the ClientApp (tests inject faulty sites)."""
+    The ClientApp is the honest one with the run's `attack` (simulations/attacks.py);
+    `client` replaces it (tests inject faulty sites)."""
+    attacks.check(cfg, num_clients)
     # Ray workers need not report home, and must not guess at GPUs that aren't there.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
