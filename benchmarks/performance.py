@@ -6,7 +6,10 @@
 - throughput: images/s of one client epoch (fedssl's hot path, train_epochs), the same
   method assembled from lightly (benchmarks/lightly_peer.py), and the model-only limit (the
   same loop on ready views: forward, backward, optimizer, EMA, no data pipeline); BYOL and
-  SimSiam, each encoder; same images, batch, threads, precision.
+  SimSiam, each encoder; same images, batch, threads, precision; `--image-size` (32 by default),
+  `--runs` to time only some of the three. On CUDA (`--device cuda`; benchmarks/gpu_check.sh)
+  each batch is pinned and copied without blocking, augmented on the GPU, and stepped under
+  bf16 autocast, as a client does.
 - overhead: wall time of a `fedssl simulate` process (N clients, every client every round)
   over the clients' own training seconds divided by the clients that can run at once.
 - scale: many virtual clients, few sampled: peak memory of the whole process tree (driver,
@@ -95,37 +98,46 @@ def _model_only(cfg, images, device):
 
 
 def throughput(args) -> dict:
-    import lightly_peer
+    if "lightly" in args.runs:  # the bench extra; not needed for fedssl's own rows
+        import lightly_peer
 
     device = select_device(args.device)
     threads = set_threads(args.threads)
-    images = load_images(args.dataset, args.data_path, 32).images[: args.images]
+    if device.type == "cuda":
+        # The GPU path measured as a client runs it (common/training.py): each batch pinned and
+        # copied without blocking, augmentation on the GPU, bf16 autocast (amp); say so up front.
+        print(json.dumps({"device": torch.cuda.get_device_name(), "pinned batches": True,
+                          "augmentation on": "cuda", "autocast": "bf16" if RunConfig.amp else "off"}), flush=True)
+    images = load_images(args.dataset, args.data_path, args.image_size).images[: args.images]
     warm = images[: 2 * args.batch]
     results = []
     for encoder in args.encoders:
         for method in args.methods:
             cfg = RunConfig.from_mapping({**overrides(args.set), "method": method, "encoder": encoder,
-                                          "batch-size": args.batch})
+                                          "batch-size": args.batch, "image-size": args.image_size})
             runs = {"fedssl": lambda im: _ours(cfg, im, device),
                     "lightly": lambda im: lightly_peer.train_epoch(lightly_peer.build(cfg), im, cfg, device,
                                                                    workers=args.lightly_workers),
                     "model only": lambda im: _model_only(cfg, im, device)}
+            runs = {name: run for name, run in runs.items() if name.replace(" ", "-") in args.runs}
             best = {}
             for name, run in runs.items():
                 run(warm)  # first-call costs: allocator, oneDNN primitives, worker start-up
             for _ in range(args.repeats):  # interleaved: load from elsewhere hits all alike
                 for name, run in runs.items():
                     best[name] = max(best.get(name, 0.0), run(images).images_per_second)
-            results.append({"encoder": encoder, "method": method,
-                            **{f"{k} images/s": round(v, 1) for k, v in best.items()},
-                            "x lightly": round(best["fedssl"] / best["lightly"], 2),
-                            "of model only": round(best["fedssl"] / best["model only"], 2)})
+            results.append({"encoder": encoder, "method": method, "image size": args.image_size,
+                            **{f"{k} images/s": round(v, 1) for k, v in best.items()}})
+            if "fedssl" in best and "lightly" in best:
+                results[-1]["x lightly"] = round(best["fedssl"] / best["lightly"], 2)
+            if "fedssl" in best and "model only" in best:
+                results[-1]["of model only"] = round(best["fedssl"] / best["model only"], 2)
             print(json.dumps(results[-1]), flush=True)
     checks = [check(f"{r['encoder']} {r['method']}: fedssl / lightly", r["x lightly"], ">=", TARGETS["vs_lightly"])
-              for r in results]
+              for r in results if "x lightly" in r]
     checks += [check(f"{r['encoder']} {r['method']}: fedssl / model only", r["of model only"], ">=",
-                     TARGETS["vs_model_only"]) for r in results]
-    return {"settings": {"images": len(images), "batch": args.batch, "threads": threads,
+                     TARGETS["vs_model_only"]) for r in results if "of model only" in r]
+    return {"settings": {"images": len(images), "image size": args.image_size, "batch": args.batch, "threads": threads,
                          "device": str(device), "amp": cfg.amp, "lightly_workers": args.lightly_workers,
                          "repeats": args.repeats, "dataset": args.dataset},
             "results": results, "checks": checks}
@@ -369,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--encoders", nargs="+", default=["resnet10", "resnet18"])
     top.add_argument("--methods", nargs="+", default=["byol", "simsiam"])
     top.add_argument("--lightly-workers", type=int, default=0, help="DataLoader workers for lightly")
+    top.add_argument("--image-size", type=int, default=32, help="throughput: side images are decoded and trained at")
+    top.add_argument("--runs", nargs="+", default=["fedssl", "lightly", "model-only"],
+                     choices=["fedssl", "lightly", "model-only"], help="throughput: which loops to time")
     top.add_argument("--repeats", type=int, default=1, help="best of this many (interleaved)")
     # overhead and scale
     top.add_argument("--clients", type=int, default=None, help="overhead 10, scale 1000, transfer 5")

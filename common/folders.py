@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -134,44 +136,77 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def decode_folder(folder: Path, files: list[tuple[str, int, int]], size: int) -> tuple[ImageSet, list[str]]:
-    """The readable ``files`` of ``folder`` decoded, and the relative paths of those skipped;
-    raises DataError when none is readable."""
-    rels = [rel for rel, _, _ in files]
-    labelled = all("/" in rel for rel in rels)
-    classes = tuple(sorted({rel.split("/", 1)[0] for rel in rels})) if labelled else ()
-    n = len(rels)
-    out = np.empty((n, 3, size, size), dtype=np.uint8)
-    ok = np.zeros(n, dtype=bool)
+DECODE_CHUNK = 256  # images a decode task handles; a few chunks are in flight at once
+
+
+def folder_classes(rels: list[str]) -> tuple[tuple[str, ...], np.ndarray | None]:
+    """(class names, each file's class index) when every file lies in a first-level subfolder,
+    else ((), None): an unlabelled folder."""
+    if not all("/" in rel for rel in rels):
+        return (), None
+    names = [rel.split("/", 1)[0] for rel in rels]
+    classes = tuple(sorted(set(names)))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.array([index[n] for n in names], dtype=np.int64)
+
+
+def decode_chunks(folder: Path, rels: list[str], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 [k, 3, size, size], readable [k]) for consecutive chunks of ``rels``, in order.
+    A small thread pool decodes ahead, but never more than a few chunks, so a caller that
+    writes each chunk away (the image cache) holds a few chunks, not the folder."""
     base = str(folder)
 
-    def work(bounds: tuple[int, int]) -> None:
-        for i in range(*bounds):
+    def work(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = bounds
+        out = np.empty((stop - start, 3, size, size), dtype=np.uint8)
+        ok = np.zeros(stop - start, dtype=bool)
+        for i in range(start, stop):
             try:
-                out[i] = _decode_image(os.path.join(base, rels[i]), size).transpose(2, 0, 1)
-                ok[i] = True
+                out[i - start] = _decode_image(os.path.join(base, rels[i]), size).transpose(2, 0, 1)
+                ok[i - start] = True
             except Exception:  # unreadable for any reason: counted and logged, never fatal
-                ok[i] = False
+                pass
+        return out, ok
 
-    step = 256
-    chunks = [(s, min(s + step, n)) for s in range(0, n, step)]
+    bounds = [(s, min(s + DECODE_CHUNK, len(rels))) for s in range(0, len(rels), DECODE_CHUNK)]
     with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="fedssl-decode") as pool:
-        for _ in pool.map(work, chunks):
-            pass
+        pending = deque(pool.submit(work, b) for b in bounds[:DECODE_THREADS + 1])
+        for b in bounds[DECODE_THREADS + 1:]:
+            done = pending.popleft().result()
+            pending.append(pool.submit(work, b))
+            yield done
+        while pending:
+            yield pending.popleft().result()
 
+
+def require_decoded(folder: Path, rels: list[str], ok: np.ndarray) -> list[str]:
+    """The relative paths of the files that failed to decode; DataError when all did."""
     skipped_paths = [rels[i] for i in np.flatnonzero(~ok)]
     if not ok.any():
         raise DataError(
-            f"no usable image in folder {str(folder)!r}: all {n} image files failed to decode "
+            f"no usable image in folder {str(folder)!r}: all {len(rels)} image files failed to decode "
             f"(e.g. {skipped_paths[0]!r})"
         )
+    return skipped_paths
+
+
+def decode_folder(folder: Path, files: list[tuple[str, int, int]], size: int) -> tuple[ImageSet, list[str]]:
+    """The readable ``files`` of ``folder`` decoded into memory, and the relative paths of those
+    skipped; raises DataError when none is readable."""
+    rels = [rel for rel, _, _ in files]
+    out = np.empty((len(rels), 3, size, size), dtype=np.uint8)
+    ok = np.zeros(len(rels), dtype=bool)
+    at = 0
+    for chunk, chunk_ok in decode_chunks(folder, rels, size):
+        out[at:at + len(chunk)] = chunk
+        ok[at:at + len(chunk)] = chunk_ok
+        at += len(chunk)
+    skipped_paths = require_decoded(folder, rels, ok)
     if not ok.all():
         out = out[ok]
-    labels = None
-    if labelled:
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[rels[i].split("/", 1)[0]] for i in np.flatnonzero(ok)], dtype=torch.int64)
-    images = ImageSet(torch.from_numpy(np.ascontiguousarray(out)), labels, classes, int((~ok).sum()))
+    classes, labels = folder_classes(rels)
+    images = ImageSet(torch.from_numpy(np.ascontiguousarray(out)),
+                      None if labels is None else torch.from_numpy(labels[ok]), classes, int((~ok).sum()))
     return images, skipped_paths
 
 
