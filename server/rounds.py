@@ -9,7 +9,8 @@ import logging
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
@@ -44,6 +45,18 @@ def sampling(cfg: RunConfig) -> dict:
                 min_train_nodes=cfg.min_train_clients, min_available_nodes=cfg.min_train_clients)
 
 
+def _attribute_link_errors(replies: list[Message], sent: list[Metadata]) -> None:
+    """The SuperLink answers for a node whose heartbeat stopped (Flower's NODE_UNAVAILABLE
+    error reply) from its own node id; put that answer back under the node it was sent to,
+    so the round records the dead site once, with the SuperLink's reason, instead of a
+    failure of node 1 plus a "no reply within round-timeout" for the site."""
+    to_node = {m.message_id: m.dst_node_id for m in sent if m.message_id}
+    for reply in replies:
+        node = to_node.get(reply.metadata.reply_to_message_id)
+        if node is not None and reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+            reply.metadata.__dict__["_src_node_id"] = node  # Metadata has no setter for it
+
+
 class SSLRounds:
     """Mixin placed before a Flower strategy class: `class X(SSLRounds, FedAvg)`.
 
@@ -69,7 +82,8 @@ class SSLRounds:
         self._spec: dict | None = None
         self._float_keys: list[str] = []
         self._global: dict[str, np.ndarray] = {}
-        self._sent: dict[int, list[int]] = {}
+        # Each round's sent messages' metadata: the grid fills in their ids when it pushes them.
+        self._sent: dict[int, list[Metadata]] = {}
         self._bytes_sent: dict[int, int] = {}
         self._rank: dict[int, int] = {}
         # The replies the latest round aggregated (DP counts them: server/dp.py).
@@ -101,7 +115,7 @@ class SSLRounds:
         sent = self._as_sent(arrays)
         for message in messages:
             message.content[self.arrayrecord_key] = sent
-        self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
+        self._sent[server_round] = [m.metadata for m in messages]
         self._bytes_sent[server_round] = sent.count_bytes() * len(messages)
         return messages
 
@@ -130,6 +144,9 @@ class SSLRounds:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = self.offset.server_round(server_round)
+        sent = self._sent.pop(server_round, [])
+        replies = list(replies)
+        _attribute_link_errors(replies, sent)
         # Summed in registration order, not arrival order: a floating-point sum depends on
         # its order, and the same seed must give the same model however sites are scheduled.
         replies = sorted(replies, key=self._registration_rank)
@@ -141,7 +158,7 @@ class SSLRounds:
         verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio, mean,
                          self.weighted_by_key)
         replied = {m.metadata.src_node_id for m in replies}
-        for node in self._sent.pop(server_round, []):
+        for node in (m.dst_node_id for m in sent):
             if node not in replied:
                 verdict.rejected[node] = f"no reply within round-timeout ({self.round_timeout:g} s)"
         for node, reason in sorted(verdict.rejected.items()):
