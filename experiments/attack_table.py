@@ -1,6 +1,7 @@
 """Issue 22's measurement: the final-round kNN top-1 of each aggregation rule against each
 simulated attack (simulations/attacks.py), over seeds, at a scale this 2-core CPU runs in
-about 40 minutes. docs/security.md holds the table and the command.
+about an hour when shared with other work (11 min pretraining, 49 min for 72 runs at load
+3-20). docs/security.md holds the tables and the command.
 
     python experiments/attack_table.py --out runs/attack-table
 
