@@ -10,8 +10,9 @@ metrics.jsonl it samples the resident memory (VmRSS) and open file descriptors o
 SuperLink, the SuperExec, the ServerApp and each SuperNode, and the size of the
 SuperLink's state database (with its -wal and -shm files). It stops after `--rounds`, or
 after `--minutes` (then it says how many rounds it saw), and prints every 10th sample and
-least-squares slopes in MB per 100 rounds, fitted over the rounds after the first 10
-(start-up: imports, caches, the first connections).
+least-squares slopes in MB per 100 rounds, fitted over the rounds after the first 5
+(start-up: imports, caches, the first connections). `--csv` gets each sample as it is
+taken; SIGTERM or Ctrl-C ends the run early and still reports.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_image_folder  # noqa: E402
 from simulations.loopback import BIN, PROJECT, LoopbackDeployment, _detached_children  # noqa: E402
 
-WARM_UP = 10  # rounds left out of the slopes
+WARM_UP = 5  # rounds left out of the slopes
 
 
 def rss_mb(pid: int) -> float:
@@ -78,6 +80,25 @@ def slope_per_100(xs: list[float], ys: list[float]) -> float:
     return 100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else float("nan")
 
 
+def sample(server_round: int, started: float, db: Path, procs: dict[str, int]) -> dict:
+    row = {"round": server_round, "t": round(time.monotonic() - started, 1),
+           "db_mb": sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 2**20}
+    for name, pid in procs.items():
+        try:
+            row[f"{name}_rss_mb"], row[f"{name}_fds"] = rss_mb(pid), fds(pid)
+        except OSError:
+            pass  # it ended between the listing and the read
+    return row
+
+
+def _stop_on_signals() -> list:
+    """A list that becomes non-empty on SIGTERM or SIGINT: the loop ends and still reports."""
+    stop: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    return stop
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=200)
@@ -113,40 +134,44 @@ def main() -> int:
         db = dep.workdir / "state" / "superlink.db"
         seen = 0
         deadline = started + 60 * args.minutes
-        while run.poll() is None and time.monotonic() < deadline:
-            metrics = out / "metrics.jsonl"
-            rows = metrics.read_text().splitlines() if metrics.is_file() else []
-            if len(rows) > seen:
-                seen = len(rows)
-                row = json.loads(rows[-1])
-                procs = {"superlink": link, **server_side(link), **nodes}
-                sample = {"round": row["round"], "t": round(time.monotonic() - started, 1),
-                          "db_mb": sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 2**20}
-                for name, pid in procs.items():
-                    try:
-                        sample[f"{name}_rss_mb"], sample[f"{name}_fds"] = rss_mb(pid), fds(pid)
-                    except OSError:
-                        pass  # it ended between the listing and the read
-                samples.append(sample)
-            time.sleep(1.0)
+        stop = _stop_on_signals()
+        csv_file = args.csv.open("w", newline="") if args.csv else None
+        writer = None
+        try:
+            while True:  # rows first, so the last round is sampled too
+                metrics = out / "metrics.jsonl"
+                rows = metrics.read_text().splitlines() if metrics.is_file() else []
+                if len(rows) > seen:
+                    seen = len(rows)
+                    samples.append(sample(json.loads(rows[-1])["round"], started, db,
+                                          {"superlink": link, **server_side(link), **nodes}))
+                    if csv_file:
+                        if writer is None:
+                            names = ["superlink", "superexec", "serverapp", *sites]
+                            writer = csv.DictWriter(csv_file, ["round", "t", "db_mb"] + [
+                                f"{n}_{m}" for n in names for m in ("rss_mb", "fds")], extrasaction="ignore")
+                            writer.writeheader()
+                        writer.writerow(samples[-1])
+                        csv_file.flush()
+                if run.poll() is not None or time.monotonic() > deadline or stop:
+                    break
+                time.sleep(1.0)
+        finally:
+            if csv_file:
+                csv_file.close()
         finished = run.poll() is not None
         if not finished:
             run.terminate()
-    if args.csv:
-        keys = sorted({k for s in samples for k in s}, key=lambda k: (k not in ("round", "t"), k))
-        with args.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(samples)
 
     last = samples[-1]["round"] if samples else 0
     print(f"{last} of {args.rounds} rounds in {(time.monotonic() - started) / 60:.1f} min"
-          f"{'' if finished else ' (stopped at --minutes)'}; {args.sites} sites, TLS + auth; "
+          f"{'' if finished else ' (stopped early: --minutes or a signal)'}; {args.sites} sites, TLS + auth; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     names = [k[:-len("_rss_mb")] for k in samples[-1] if k.endswith("_rss_mb")] if samples else []
     print("round  t(s)  db MB  " + "  ".join(f"{n} MB/fds" for n in names))
+    step = max(1, len(samples) // 10)
     for s in samples:
-        if s["round"] % 10 == 0 or s is samples[-1]:
+        if s["round"] % step == 0 or s is samples[-1]:
             print(f"{s['round']:5d} {s['t']:6.0f} {s['db_mb']:6.2f}  " + "  ".join(
                 f"{s.get(n + '_rss_mb', float('nan')):7.1f}/{s.get(n + '_fds', -1):<3d}" for n in names))
     fit = [s for s in samples if s["round"] > WARM_UP]
@@ -158,7 +183,8 @@ def main() -> int:
             print(f"  {key:24s} {slope_per_100([p[0] for p in pairs], [p[1] for p in pairs]):+8.2f}")
         for n in names:
             counts = [s[n + "_fds"] for s in fit if n + "_fds" in s]
-            print(f"  {n + ' fds':24s} {min(counts)}..{max(counts)} (first {counts[0]}, last {counts[-1]})")
+            if counts:
+                print(f"  {n + ' fds':24s} {min(counts)}..{max(counts)} (first {counts[0]}, last {counts[-1]})")
     else:
         print(f"fewer than {WARM_UP + 2} rounds: no slopes")
     if args.keep:

@@ -151,6 +151,10 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if "config" not in msg.content:
+        # A SecAgg+ stage message carries only that stage's keys; check() refuses attacks
+        # under SecAgg+, so every such site is honest.
+        return honest_app(msg, context)
     cfg, server_round = round_config(msg.content["config"])
     if not is_attacker(cfg, context.node_config):
         return honest_app(msg, context)

@@ -99,14 +99,18 @@ class Processes:
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        groups = [proc.pid] + _detached_children(proc.pid)
+        detached = _detached_children(proc.pid)
+        # A process that ended earlier (a test killed it) was reaped, and its pid may now
+        # name another process, maybe another session's leader: that group is not ours.
+        reused = proc.poll() is not None and Path(f"/proc/{proc.pid}").exists()
+        groups = ([] if reused else [proc.pid]) + detached
         _signal_groups(groups, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _groups_alive(groups[1:]):
+        while time.monotonic() < deadline and _groups_alive(detached):
             time.sleep(0.2)
         _signal_groups(groups, signal.SIGKILL)
         proc.wait(timeout=grace)

@@ -180,6 +180,26 @@ def test_the_superlinks_answer_for_a_lost_site_is_recorded_once_under_the_sites_
     assert "Node Unavailable" in final["failures"]["1002"]
 
 
+def test_stopping_a_site_killed_earlier_spares_the_process_that_reused_its_pid(tmp_path):
+    """The test above kills site1 minutes before the deployment is stopped; by then this
+    machine may have given its pid to another session's leader (a SuperLink of another
+    run), which the clean-up must not signal."""
+    from simulations.loopback import Processes
+
+    procs = Processes(tmp_path)
+    victim = procs.start("site1", ["sleep", "300"], env={"PATH": "/usr/bin:/bin"})
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        victim.pid = bystander.pid  # as if the kernel had handed the freed pid on
+        procs.stop()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 # ----------------------------------------------------------------- the server dies
 
 
