@@ -18,17 +18,13 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import write_image_folder  # noqa: E402
-from simulations.loopback import LoopbackDeployment  # noqa: E402
+from simulations.loopback import LoopbackDeployment, scratch_dir, site_images, tiny_run_config  # noqa: E402
 
 STAMP = re.compile(r"^\w+ flwr (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \| [\w.]+:\d+ \| (.*)$")
 
@@ -57,22 +53,16 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="fedssl-latency-"))
-    os.environ.setdefault("FEDSSL_CACHE_DIR", str(root / "image-cache"))
     sites = [f"site{i}" for i in range(args.sites)]
-    with LoopbackDeployment(root, sites, insecure=args.insecure) as dep:
+    with scratch_dir("fedssl-latency-", args.keep) as root, \
+            LoopbackDeployment(root, sites, insecure=args.insecure) as dep:
         dep.start_server()
-        for i, site in enumerate(sites):
+        for site, images in site_images(root, sites).items():
             if not args.insecure:
                 dep.register(site)
-            dep.start_site(site, write_image_folder(root / site, per_class=2, seed=i + 1), threads=1)
+            dep.start_site(site, images, threads=1)
         dep.wait_online(len(sites))
-        eval_folder = write_image_folder(root / "eval", per_class=4, seed=99)
-        out = root / "run"
-        run_config = (f'num-rounds={args.rounds} fraction-train=1.0 dataset="imagefolder" data-path="{eval_folder}" '
-                      f'eval-path="{eval_folder}" batch-size=4 proj-dim=32 hidden-dim=64 knn-k=5 '
-                      f'eval-bank-size=16 eval-query-size=8 probe=false threads=1 '
-                      f'min-train-clients={args.sites} out-dir="{out}"')
+        run_config, out = tiny_run_config(root, args.rounds, args.sites)
         start = time.monotonic()
         proc = dep.run(run_config)
         wall = time.monotonic() - start
@@ -84,7 +74,7 @@ def main() -> int:
             if any("Finished task" in text for _, text in events):
                 break
             time.sleep(0.5)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     started = next(t for t, text in events if "Started task" in text)
     finished = next((t for t, text in events if "Finished task" in text), float("nan"))
     waves = reply_waves(events, args.sites)
@@ -98,10 +88,6 @@ def main() -> int:
         gaps = [b - a for a, b in zip([started] + waves[:-1], waves)]
         print("dispatch -> last reply per round (SuperLink log, round 1 includes ServerApp "
               "start-up and round-0 evaluation): " + ", ".join(f"{g:.1f} s" for g in gaps))
-    if args.keep:
-        print(f"kept {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

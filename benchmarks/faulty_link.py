@@ -5,7 +5,7 @@ healthy one, on loopback.
 
 For each link profile a fresh deployment (`fedssl server` with TLS and site
 authentication, two `fedssl client` sites with 8 tiny images each): site0 connects
-directly, site1 through tests/tcp_proxy.py with the profile's faults (`direct`: site1
+directly, site1 through simulations/tcp_proxy.py with the profile's faults (`direct`: site1
 without the proxy). One `flwr run` of `--rounds` rounds with min-train-clients=2, so every
 round waits for site1. Prints each round's seconds (metrics.jsonl: send, replies,
 aggregate, evaluate, checkpoint), the sites that replied, and what the proxy did; then the
@@ -17,18 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import write_image_folder  # noqa: E402
-from simulations.loopback import LoopbackDeployment  # noqa: E402
-from tcp_proxy import FaultyLink, Link  # noqa: E402
+from simulations.loopback import LoopbackDeployment, scratch_dir, site_images, tiny_run_config  # noqa: E402
+from simulations.tcp_proxy import FaultyLink, Link  # noqa: E402
 
 PROFILES = {
     "direct": None,
@@ -46,23 +42,13 @@ def one_run(root: Path, link: Link | None, rounds: int) -> tuple[list[dict], str
         dep.start_server()
         for site in ("site0", "site1"):
             dep.register(site)
-        images = {s: write_image_folder(root / s, per_class=2, seed=i + 1) for i, s in enumerate(("site0", "site1"))}
+        images = site_images(root, ["site0", "site1"])
         dep.start_site("site0", images["site0"], threads=1)
         with FaultyLink(dep.port, link) if link is not None else nullcontext() as proxy:
-            if proxy is None:
-                dep.start_site("site1", images["site1"], threads=1)
-            else:
-                st = dep.site_settings("site1", images["site1"])
-                dep.procs.start("site1", dep.fedssl(
-                    "client", "--superlink", f"127.0.0.1:{proxy.port}", "--data-path", str(images["site1"]),
-                    "--threads", "1", "--port", str(st.port), "--ca", str(st.ca), "--key", str(st.key)), dep.env)
+            dep.start_site("site1", images["site1"], threads=1,
+                           superlink=None if proxy is None else f"127.0.0.1:{proxy.port}")
             dep.wait_online(2, timeout=300)
-            evaluation = write_image_folder(root / "eval", per_class=4, seed=99)
-            out = root / "run"
-            config = (f'num-rounds={rounds} fraction-train=1.0 dataset="imagefolder" data-path="{evaluation}" '
-                      f'eval-path="{evaluation}" batch-size=4 proj-dim=32 hidden-dim=64 knn-k=5 '
-                      f'eval-bank-size=16 eval-query-size=8 probe=false threads=1 min-train-clients=2 '
-                      f'round-timeout=300 out-dir="{out}"')
+            config, out = tiny_run_config(root, rounds, 2, **{"round-timeout": 300})
             start = time.monotonic()
             proc = dep.run(config, timeout=3600)
             wall = time.monotonic() - start
@@ -88,21 +74,20 @@ def main() -> int:
     if unknown:
         ap.error(f"--profiles {','.join(unknown)}: unknown; choose from {', '.join(PROFILES)}")
 
-    root = Path(tempfile.mkdtemp(prefix="fedssl-link-"))
-    os.environ.setdefault("FEDSSL_CACHE_DIR", str(root / "image-cache"))
     seconds: dict[str, list[float]] = {n: [] for n in names}
     lost: dict[str, int] = {n: 0 for n in names}
     print(f"{args.rounds} rounds a run, 2 sites (site1 behind the link), TLS + site authentication, "
           f"{os.cpu_count()} CPUs")
-    for repeat in range(args.repeats):
-        for name in names:
-            load = os.getloadavg()[0]
-            rows, counters, wall = one_run(root / f"{name}-{repeat}", PROFILES[name], args.rounds)
-            seconds[name] += [r["seconds"] for r in rows]
-            lost[name] += sum(r["clients_ok"] < 2 for r in rows)
-            print(f"{name:8s} load {load:4.1f}: rounds " + ", ".join(f"{r['seconds']:.1f} s" for r in rows)
-                  + f" | sites ok {[r['clients_ok'] for r in rows]} | flwr run {wall:.0f} s"
-                  + (f" | proxy: {counters}" if counters else ""), flush=True)
+    with scratch_dir("fedssl-link-", args.keep) as root:
+        for repeat in range(args.repeats):
+            for name in names:
+                load = os.getloadavg()[0]
+                rows, counters, wall = one_run(root / f"{name}-{repeat}", PROFILES[name], args.rounds)
+                seconds[name] += [r["seconds"] for r in rows]
+                lost[name] += sum(r["clients_ok"] < 2 for r in rows)
+                print(f"{name:8s} load {load:4.1f}: rounds " + ", ".join(f"{r['seconds']:.1f} s" for r in rows)
+                      + f" | sites ok {[r['clients_ok'] for r in rows]} | flwr run {wall:.0f} s"
+                      + (f" | proxy: {counters}" if counters else ""), flush=True)
     base = seconds.get("healthy") or seconds[names[0]]
     base_mean = sum(base) / len(base)
     print(f"\n{'profile':8s} {'mean round':>10s} {'vs ' + ('healthy' if 'healthy' in seconds else names[0]):>11s} "
@@ -110,10 +95,6 @@ def main() -> int:
     for name in names:
         mean = sum(seconds[name]) / len(seconds[name])
         print(f"{name:8s} {mean:9.1f}s {mean / base_mean:10.2f}x {lost[name]:>10d} of {len(seconds[name])}")
-    if args.keep:
-        print(f"kept {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

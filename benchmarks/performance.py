@@ -39,7 +39,7 @@ import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -265,7 +265,7 @@ def aggregate(args) -> dict:
     from flwr.serverapp.strategy import FedAvg
 
     from common.records import to_record
-    from inprocess import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
     from server.strategies import build_strategy
 
     set_threads(args.threads)
@@ -305,7 +305,7 @@ def aggregate(args) -> dict:
 
 def transfer(args) -> dict:
     from client.app import app as client_app
-    from inprocess import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
     from server.app import run_federation
     from simulations.cli import load_preset
 

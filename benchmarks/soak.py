@@ -20,18 +20,15 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import write_image_folder  # noqa: E402
-from simulations.loopback import BIN, PROJECT, LoopbackDeployment, _detached_children  # noqa: E402
+from simulations.loopback import (BIN, PROJECT, LoopbackDeployment, _detached_children,  # noqa: E402
+                                  scratch_dir, site_images, tiny_run_config)
 
 WARM_UP = 5  # rounds left out of the slopes
 
@@ -108,23 +105,16 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="fedssl-soak-"))
-    os.environ.setdefault("FEDSSL_CACHE_DIR", str(root / "image-cache"))
     sites = [f"site{i}" for i in range(args.sites)]
     samples: list[dict] = []
     started = time.monotonic()
-    with LoopbackDeployment(root, sites) as dep:
+    with scratch_dir("fedssl-soak-", args.keep) as root, LoopbackDeployment(root, sites) as dep:
         dep.start_server()
-        for i, site in enumerate(sites):
+        for site, images in site_images(root, sites).items():
             dep.register(site)
-            dep.start_site(site, write_image_folder(root / site, per_class=2, seed=i + 1), threads=1)
+            dep.start_site(site, images, threads=1)
         dep.wait_online(len(sites))
-        evaluation = write_image_folder(root / "eval", per_class=4, seed=99)
-        out = root / "run"
-        run_config = (f'num-rounds={args.rounds} fraction-train=1.0 dataset="imagefolder" '
-                      f'data-path="{evaluation}" eval-path="{evaluation}" batch-size=4 proj-dim=32 '
-                      f'hidden-dim=64 knn-k=5 eval-bank-size=16 eval-query-size=8 probe=false '
-                      f'threads=1 min-train-clients={args.sites} out-dir="{out}"')
+        run_config, out = tiny_run_config(root, args.rounds, args.sites)
         with (root / "flwr-run.log").open("wb") as log:
             run = subprocess.Popen([str(BIN / "flwr"), "run", str(PROJECT), dep.CONNECTION, "--stream",
                                     "--run-config", run_config], env=dep.env, cwd=PROJECT,
@@ -187,10 +177,6 @@ def main() -> int:
                 print(f"  {n + ' fds':24s} {min(counts)}..{max(counts)} (first {counts[0]}, last {counts[-1]})")
     else:
         print(f"fewer than {WARM_UP + 2} rounds: no slopes")
-    if args.keep:
-        print(f"kept {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Issue 22's measurement: the final-round kNN top-1 of each aggregation rule against each
-simulated attack (simulations/attacks.py), over seeds, at a scale this 2-core CPU runs in
-about an hour when shared with other work (11 min pretraining, 49 min for 72 runs at load
-3-20). docs/security.md holds the tables and the command.
+simulated attack (simulations/attacks.py), over seeds 0-2, at a scale this 2-core CPU runs
+in about an hour (11 min pretraining, then 13-25 min a seed: 36 runs). docs/security.md holds
+the tables and the command. Cells already measured under --out are read back, not rerun.
 
     python experiments/attack_table.py --out runs/attack-table
 
@@ -20,7 +20,7 @@ as far off as not moving at all. kNN at this scale moves little in a few rounds,
 second table shows what a rule lets an attack do to each round's model directly.
 
 A run is `run_federation` (the ServerApp's own function, server/app.py) with the simulation's
-ClientApp (simulations/attacks.py, which `fedssl simulate` runs) on the tests' in-process
+ClientApp (simulations/attacks.py, which `fedssl simulate` runs) on the in-process
 grid: the same server and client code as `fedssl simulate`, without a Ray start-up per run;
 the clients train one after another, as `fedssl simulate` runs them on 2 cores anyway.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 from common.config import ATTACKS, RunConfig  # noqa: E402
 from simulations.sweep_report import t_interval  # noqa: E402
@@ -130,7 +130,7 @@ def influence(grid, honest: HonestMean, final: dict[str, np.ndarray], rounds: in
 
 
 def run(cfg: RunConfig, args) -> dict:
-    from inprocess import InProcessGrid  # the tests' in-process grid
+    from simulations.inprocess_grid import InProcessGrid
     from server.app import run_federation
     from server.evaluation import NonFiniteModel
     from server.resume import load_run_state
@@ -200,7 +200,7 @@ def table(args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/attack-table")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--sites", type=int, default=7, help="every site trains every round")

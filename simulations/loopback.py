@@ -1,6 +1,7 @@
 """A real deployment on one machine, over loopback: `fedssl server` (flower-superlink with
 TLS and site authentication), one `fedssl client` (flower-supernode) per site, runs started
-with `flwr run . NAME`. Used by tests/test_deployment.py and benchmarks/deploy_latency.py.
+with `flwr run . NAME`. Used by tests/test_deployment*.py and the deployment benchmarks
+(benchmarks/deploy_latency.py, faulty_link.py, soak.py).
 
 Every process is started in its own session and stopped with its whole process group
 (and the SuperExec that a SuperLink detaches) by `Processes.stop()`, also on errors.
@@ -14,9 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from common.synthetic import write_image_folder
 from server.certs import make_certs
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -169,11 +175,13 @@ class LoopbackDeployment:
                     self.CONNECTION, "--name", site])
 
     def site_settings(self, site: str, data_path: Path, threads: int = 1,
-                      insecure: bool | None = None, max_wait: float | None = None):
+                      insecure: bool | None = None, max_wait: float | None = None,
+                      superlink: str | None = None):
+        """`superlink`: another address than the SuperLink's own (a proxy in front of it)."""
         from client.supernode import SuperNodeSettings
         insecure = self.insecure if insecure is None else insecure
         return SuperNodeSettings(
-            superlink=self.address, data_path=Path(data_path), threads=threads,
+            superlink=superlink or self.address, data_path=Path(data_path), threads=threads,
             port=free_port(), insecure=insecure, max_wait_time=max_wait,
             ca=None if insecure else self.certs / "ca.crt",
             key=None if insecure else self.certs / "sites" / f"{site}.key")
@@ -226,3 +234,43 @@ class LoopbackDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ------------------------------------------------ the benchmarks' smallest real federation
+
+def site_images(root: Path, sites: list[str]) -> dict[str, Path]:
+    """A different 8-image synthetic folder for each site."""
+    return {site: write_image_folder(Path(root) / site, per_class=2, seed=i + 1)
+            for i, site in enumerate(sites)}
+
+
+def tiny_run_config(root: Path, rounds: int, sites: int, **extra: object) -> tuple[str, Path]:
+    """`flwr run --run-config` for a federation whose rounds cost the deployment, not the
+    training (16 px images, tiny heads, a 16-image kNN bank), and the out-dir it writes."""
+    evaluation = write_image_folder(Path(root) / "eval", per_class=4, seed=99)
+    out = Path(root) / "run"
+    keys = {"num-rounds": rounds, "fraction-train": 1.0, "dataset": "imagefolder",
+            "data-path": evaluation, "eval-path": evaluation, "batch-size": 4, "proj-dim": 32,
+            "hidden-dim": 64, "knn-k": 5, "eval-bank-size": 16, "eval-query-size": 8,
+            "probe": False, "threads": 1, "min-train-clients": sites, **extra, "out-dir": out}
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in keys.items()), out
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, (str, Path)) else str(value)
+
+
+@contextmanager
+def scratch_dir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A work directory with its own image cache; removed afterwards unless `keep`."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.setdefault("FEDSSL_CACHE_DIR", str(root / "image-cache"))
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)

@@ -22,7 +22,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 LEVEL = 0.95
 VALIDATION = "val_knn_top1"                # the one column cells are ranked and chosen by
@@ -251,19 +251,21 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
 
 
 def _score(block: Mapping[str, Any]) -> str:
-    if block.get("mean") is None:
-        return "-"
-    if block.get("low") is None:
-        return f"{block['mean']:.3f} (n=1)"
-    return f"{block['mean']:.3f} [{block['low']:.3f}, {block['high']:.3f}]"
+    """A mean and its interval as a fraction, e.g. 0.412 [0.398, 0.426]."""
+    return _interval(block, lambda v: f"{v:.3f}")
 
 
 def _points(block: Mapping[str, Any]) -> str:
+    """A difference and its interval in points, e.g. +1.4 [+0.2, +2.6]."""
+    return _interval(block, lambda v: f"{100 * v:+.1f}")
+
+
+def _interval(block: Mapping[str, Any], text: Callable[[float], str]) -> str:
     if block.get("mean") is None:
         return "-"
     if block.get("low") is None:
-        return f"{100 * block['mean']:+.1f} (n=1)"
-    return f"{100 * block['mean']:+.1f} [{100 * block['low']:+.1f}, {100 * block['high']:+.1f}]"
+        return f"{text(block['mean'])} (n=1)"
+    return f"{text(block['mean'])} [{text(block['low'])}, {text(block['high'])}]"
 
 
 def _excludes(block: Mapping[str, Any]) -> str:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from common.config import RunConfig
-from common.datasets import SYNTHETIC_CLASSES, render_synthetic
+from common.synthetic import write_image_folder
 
 
 @pytest.fixture(autouse=True)
@@ -19,17 +18,13 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FEDSSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "image-cache"))
 
 
-def write_image_folder(root: Path, per_class: int, seed: int = 0, classes: int = 4) -> Path:
-    """A labelled folder of real PNG files, class subfolders, drawn by the synthetic
-    renderer so the classes differ in shape, not colour."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(classes).repeat_interleave(per_class)
-    images = render_synthetic(labels, 32, gen)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = root / SYNTHETIC_CLASSES[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
-    return root
+@pytest.fixture
+def one_thread():
+    """One torch thread, as a client with threads=1 sets it: tiny steps, no pool to wake."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from server.resume import load_run_state
 from server.validation import screen, spec_of
 from server.npy_view import as_numpy
 from simulations import attacks
-from inprocess import InProcessGrid
-from conftest import fast_config, write_image_folder
+from simulations.inprocess_grid import InProcessGrid
+from common.synthetic import write_image_folder
+from conftest import fast_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = 3

@@ -20,7 +20,7 @@ from common.methods import build_method
 from server.app import run_federation
 from server.resume import load_run_state
 from server.strategies import build_strategy
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 # The run's real networks, small: a ResNet-10 at 16 px with BatchNorm in encoder and heads.

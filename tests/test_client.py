@@ -10,7 +10,7 @@ from client.app import LOCAL_STATE_KEY, app as client_app
 from common.datasets import DataError
 from common.methods import build_method
 from common.records import from_record, to_record
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config, tiny_config
 
 

@@ -18,7 +18,7 @@ from common.methods import build_method
 from common.methods.base import SSLMethod
 from common.records import to_record
 from server.app import run_federation
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 FEDEMA_NUMBERS = {"ema", "divergence", "mu", "previous-round"}

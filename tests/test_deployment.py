@@ -22,7 +22,7 @@ from server.superlink import ServerSetupError, SuperLinkSettings, superlink_comm
 from simulations.cli import main as fedssl
 from simulations.loopback import LoopbackDeployment
 
-from conftest import write_image_folder
+from common.synthetic import write_image_folder
 
 TINY = dict(batch_size=8, proj_dim=32, hidden_dim=64, knn_k=10, eval_bank_size=64,
             eval_query_size=32, probe=False, local_epochs=1, fraction_train=1.0)

@@ -2,7 +2,7 @@
 started by `fedssl server` / `fedssl client`, runs by `flwr run`, TLS and site
 authentication on): a site SIGKILLed while it holds a round's message, the SuperLink and
 its ServerApp SIGKILLed mid-run and the run resumed as docs/deployment.md ("Recovery")
-says, and a slow, lossy link to one site (tests/tcp_proxy.py). Each uses the smallest
+says, and a slow, lossy link to one site (simulations/tcp_proxy.py). Each uses the smallest
 workload the deployment tests use: 8 tiny images a site, a 16-image kNN monitor.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from common.config import RunConfig
 from common.methods import build_method
 from simulations.loopback import BIN, PROJECT, LoopbackDeployment, _detached_children, wait_for_port
 
-from conftest import write_image_folder
-from tcp_proxy import FaultyLink, Link
+from common.synthetic import write_image_folder
+from simulations.tcp_proxy import FaultyLink, Link
 from test_deployment import run_config
 
 WORKLOAD = dict(batch_size=4, proj_dim=32, hidden_dim=64, knn_k=5, eval_bank_size=16,
@@ -160,7 +160,7 @@ def test_the_superlinks_answer_for_a_lost_site_is_recorded_once_under_the_sites_
 
     from client.app import app as client_app
     from conftest import fast_config
-    from inprocess import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
     from server.app import run_federation
 
     class LosesALink(InProcessGrid):
@@ -259,13 +259,6 @@ def test_a_killed_server_resumes_from_its_checkpoint_with_no_round_lost_or_repea
 # ----------------------------------------------------------------- a slow, lossy link
 
 
-def start_site_through(dep: LoopbackDeployment, site: str, images: Path, link: FaultyLink):
-    st = dep.site_settings(site, images)
-    return dep.procs.start(site, dep.fedssl(
-        "client", "--superlink", f"127.0.0.1:{link.port}", "--data-path", str(images),
-        "--threads", "1", "--port", str(st.port), "--ca", str(st.ca), "--key", str(st.key)), dep.env)
-
-
 # 50 ms each way, 4 MB/s each way, a fifth of new connections cut at once (the first among
 # them: seed 1), and every connection reset after 5-15 s: a poor mobile or satellite uplink.
 LOSSY = Link(latency=0.05, bandwidth=4e6, refuse=0.2, reset_every=10.0, seed=1)
@@ -282,7 +275,7 @@ def test_a_site_behind_a_slow_lossy_link_does_not_stop_the_run(tmp_path):
     out = Path(values["out_dir"])
     with dep, FaultyLink(dep.port, LOSSY) as link:
         dep.start_site("site0", site_images(tmp_path, "site0"), threads=1)
-        start_site_through(dep, "site1", site_images(tmp_path, "site1"), link)
+        dep.start_site("site1", site_images(tmp_path, "site1"), threads=1, superlink=f"127.0.0.1:{link.port}")
         dep.wait_online(2, timeout=300)
         values.update(num_rounds=2, min_train_clients=1, round_timeout=120.0)
         run = start_run(dep, values, tmp_path / "flwr-run.log")

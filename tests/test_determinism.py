@@ -15,7 +15,7 @@ from client.app import app as client_app
 from server.app import run_federation
 from server.nodes import RegisteredOrder, registration_order
 from server.resume import load_run_state
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 

@@ -26,7 +26,7 @@ from common.synthetic import SYNTHETIC_CLASSES, render_synthetic
 from common.training import StepSettings, augmenter, train_epochs
 from server.run_dir import RunDir, summarize, weights_metadata
 from simulations.cli import main
-from conftest import write_image_folder
+from common.synthetic import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32

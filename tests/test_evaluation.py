@@ -220,7 +220,7 @@ def test_a_run_whose_global_model_turns_non_finite_records_the_round_and_stops(
 
     from client.app import app as client_app
     from server.app import run_federation
-    from inprocess import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
     from conftest import fast_config
 
     def negative_variances(msg, context):

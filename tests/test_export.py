@@ -23,7 +23,7 @@ from server.app import run_federation
 from server.evaluation import GlobalEvaluator
 from server.run_dir import RunDir, summarize, weights_metadata
 from simulations.centralized import run_centralized
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 DESCRIPTION = "Shapes drawn by the test suite: 4 classes, 24 PNGs each."

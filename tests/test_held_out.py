@@ -15,7 +15,8 @@ import torch
 from client.local_data import local_images
 from common.config import ConfigError
 from common.datasets import load_eval_split, load_images
-from conftest import fast_config, write_image_folder
+from common.synthetic import write_image_folder
+from conftest import fast_config
 from server.evaluation import GlobalEvaluator, eval_source
 
 CLIENTS = 3

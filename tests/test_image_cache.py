@@ -94,15 +94,6 @@ def test_rows_read_on_demand_are_the_rows_asked_for(tmp_path):
             rows[bad]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as a client with threads=1 sets it: tiny steps, no pool to wake."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_client_reads_its_folder_a_batch_at_a_time(tmp_path, monkeypatch, one_thread):
     """A site's training reads only one batch of rows at a time from the cache, and trains
     exactly as on the same images in memory."""

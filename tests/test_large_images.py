@@ -20,7 +20,7 @@ from common.evaluation import embed
 from common.folders import load_folder_with_paths
 from server.app import run_federation
 from conftest import fast_config
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 SHAPES = ("disc", "square", "bars", "ring")
 
@@ -62,14 +62,6 @@ def photos(tmp_path_factory) -> Path:
 def sites(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("sites")
     return [jpeg_folder(root / f"site{i}", per_class=4, seed=10 + i) for i in range(2)]
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", ["resnet10", "resnet18", "mobilenet_v3_small"])  # the ones with two stems

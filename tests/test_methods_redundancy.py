@@ -16,7 +16,7 @@ from common.methods.vicreg import VICReg, covariance_term, variance_term, vicreg
 from common.training import StepSettings, augmenter, train_epochs
 from server.app import run_federation
 from server.resume import load_run_state
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 NAMES = ["vicreg", "barlowtwins"]

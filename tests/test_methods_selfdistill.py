@@ -21,7 +21,7 @@ from common.schedules import cosine
 from common.training import augmenter, param_groups
 from server.app import run_federation
 from server.resume import load_run_state
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 SHAPES = [(2, 8), (16, 64), (64, 4096)]

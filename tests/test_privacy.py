@@ -26,8 +26,9 @@ from server.dp import batchnorm_statistics_from
 from server.resume import load_run_state
 from server.secure import SecureRounds
 from server.strategies import build_strategy
-from inprocess import InProcessGrid
-from conftest import fast_config, write_image_folder
+from simulations.inprocess_grid import InProcessGrid
+from common.synthetic import write_image_folder
+from conftest import fast_config
 
 DP = dict(max_update_norm_ratio=0.0, amp=False)
 

@@ -26,7 +26,7 @@ from server.app import run_federation
 from server.evaluation import GlobalEvaluator
 from server.run_dir import RunDir, summarize, weights_metadata
 from simulations.cli import main
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 

@@ -11,7 +11,7 @@ from client.app import app as client_app
 from common.config import ConfigError
 from server.app import run_federation
 from server.resume import load_run_state
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 # Wall-clock measurements; everything else in a row must repeat exactly.

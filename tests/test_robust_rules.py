@@ -17,7 +17,7 @@ from common.methods import build_method
 from server.app import run_federation
 from server.resume import load_run_state
 from server.strategies import build_strategy
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 RULES = ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]

@@ -25,7 +25,7 @@ from server.rounds import SSLRounds
 from server.run_dir import RunDir
 from server.secure import SecureRounds
 from server.strategies import build_strategy
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 PRIVACY = dict(max_update_norm_ratio=0.0, amp=False)

@@ -13,7 +13,7 @@ from client.app import app as client_app
 from common.schedules import cosine, round_lr
 from common.training import StepSettings
 from server.app import run_federation
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 

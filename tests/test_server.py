@@ -13,7 +13,7 @@ from common.config import ConfigError
 from common.methods import build_method
 from server.app import run_federation, wait_for_nodes
 from server.strategies import build_strategy
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config, tiny_config
 
 REQUIRED = {"round", "knn_top1", "train_loss", "clients_ok", "clients_failed", "seconds"}

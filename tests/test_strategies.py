@@ -21,7 +21,7 @@ from server.app import run_federation
 from server.resume import load_run_state
 from server.strategies import build_strategy
 from server.strategies.ldawa import ldawa_aggregate
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 

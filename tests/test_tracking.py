@@ -12,7 +12,7 @@ from common.config import ConfigError, RunConfig
 from server.app import run_federation
 from server.run_dir import RunDir
 from server.tracking import MLFLOW_DB, TENSORBOARD_DIR, check_installed
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 from simulations.cli import main
 

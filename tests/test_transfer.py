@@ -18,7 +18,7 @@ from server.app import run_federation
 from server.resume import load_run_state
 from server.strategies import build_strategy
 from server.npy_view import as_numpy
-from inprocess import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 SMALL = dict(proj_dim=32, hidden_dim=64, image_size=16)

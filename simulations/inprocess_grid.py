@@ -1,5 +1,6 @@
 """A Grid that delivers each message straight to the ClientApp in this process: the
-server logic runs for real, in seconds, without Ray or a SuperLink."""
+server logic runs for real, in seconds, without Ray or a SuperLink (tests, benchmarks and
+experiments/attack_table.py use it; clients run one after another)."""
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -16,7 +17,7 @@ class InProcessGrid(Grid):
                  num_nodes: int, node_config: Callable[[int], dict] | None = None):
         self.client_app = client_app
         # Messages take their run and sender from the process's task identity, which the
-        # engines set; here the test process plays the ServerApp.
+        # engines set; here this process plays the ServerApp.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i,
