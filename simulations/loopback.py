@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -246,7 +246,8 @@ def site_images(root: Path, sites: list[str]) -> dict[str, Path]:
 
 def tiny_run_config(root: Path, rounds: int, sites: int, **extra: object) -> tuple[str, Path]:
     """`flwr run --run-config` for a federation whose rounds cost the deployment, not the
-    training (16 px images, tiny heads, a 16-image kNN bank), and the out-dir it writes."""
+    training (sites of 8 images, batch 4, tiny heads, a 16-image kNN bank), and the out-dir
+    it writes."""
     evaluation = write_image_folder(Path(root) / "eval", per_class=4, seed=99)
     out = Path(root) / "run"
     keys = {"num-rounds": rounds, "fraction-train": 1.0, "dataset": "imagefolder",
