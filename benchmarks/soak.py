@@ -9,7 +9,7 @@ images each) and one `flwr run` of `--rounds` rounds with the deployment tests' 
 metrics.jsonl it samples the resident memory (VmRSS) and open file descriptors of the
 SuperLink, the SuperExec, the ServerApp and each SuperNode, and the size of the
 SuperLink's state database (with its -wal and -shm files). It stops after `--rounds`, or
-after `--minutes` (then it says how many rounds it saw), and prints every 10th sample and
+after `--minutes` (then it says how many rounds it saw), and prints about 10 samples and
 least-squares slopes in MB per 100 rounds, fitted over the rounds after the first 5
 (start-up: imports, caches, the first connections). `--csv` gets each sample as it is
 taken; SIGTERM or Ctrl-C ends the run early and still reports.
@@ -126,7 +126,10 @@ def main() -> int:
         deadline = started + 60 * args.minutes
         stop = _stop_on_signals()
         csv_file = args.csv.open("w", newline="") if args.csv else None
-        writer = None
+        if csv_file:
+            writer = csv.DictWriter(csv_file, ["round", "t", "db_mb"] + [
+                f"{n}_{m}" for n in ("superlink", "superexec", "serverapp", *sites) for m in ("rss_mb", "fds")])
+            writer.writeheader()
         try:
             while True:  # rows first, so the last round is sampled too
                 metrics = out / "metrics.jsonl"
@@ -136,11 +139,6 @@ def main() -> int:
                     samples.append(sample(json.loads(rows[-1])["round"], started, db,
                                           {"superlink": link, **server_side(link), **nodes}))
                     if csv_file:
-                        if writer is None:
-                            names = ["superlink", "superexec", "serverapp", *sites]
-                            writer = csv.DictWriter(csv_file, ["round", "t", "db_mb"] + [
-                                f"{n}_{m}" for n in names for m in ("rss_mb", "fds")], extrasaction="ignore")
-                            writer.writeheader()
                         writer.writerow(samples[-1])
                         csv_file.flush()
                 if run.poll() is not None or time.monotonic() > deadline or stop:
