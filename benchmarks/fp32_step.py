@@ -81,7 +81,7 @@ def eval_pass(args) -> dict:
 
 
 def train_step(args) -> dict:
-    cfg = RunConfig(encoder=args.encoder, image_size=args.image_size, amp=False)
+    cfg = RunConfig(method="byol", encoder=args.encoder, image_size=args.image_size, amp=False)
     s = args.image_size
     views = [torch.randn(args.batch, 3, s, s) for _ in range(2)]
     channels_last = [v.contiguous(memory_format=torch.channels_last) for v in views]

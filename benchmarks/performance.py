@@ -76,7 +76,9 @@ def overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def data_settings(args) -> dict:
-    settings = {"dataset": args.dataset, "data-path": args.data_path}
+    # The method is pinned (BYOL unless --method): these federation measurements predate the
+    # default job's SimCLR and are compared across sessions in docs/performance.md.
+    settings = {"dataset": args.dataset, "data-path": args.data_path, "method": args.method}
     if args.eval_path:
         settings["eval-path"] = args.eval_path
     return settings
@@ -392,10 +394,10 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--client-cpus", type=float, default=0.0, help="0: all cores, one client at a time")
     top.add_argument("--eval-images", type=int, default=1000,
                      help="kNN bank and query size: a small monitor, so the federation is measured")
+    top.add_argument("--method", default="byol", help="overhead, scale, transfer, aggregate: the method")
     # aggregate
     top.add_argument("--updates", type=int, default=100)
     top.add_argument("--encoder", default="resnet18")
-    top.add_argument("--method", default="byol")
     # transfer
     top.add_argument("--preset", default="", help="transfer: a fedssl preset for the job")
     top.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -57,8 +57,8 @@ class MeteredGrid(InProcessGrid):
 
 
 def run(mode: dict, rounds: int, sites: int, sampled: int, image_size: int, out: Path) -> dict:
-    cfg = RunConfig(num_rounds=rounds, fraction_train=sampled / sites, min_train_clients=sampled, probe=False,
-                    image_size=image_size, amp=False,
+    cfg = RunConfig(method="byol", num_rounds=rounds, fraction_train=sampled / sites,
+                    min_train_clients=sampled, probe=False, image_size=image_size, amp=False,
                     eval_bank_size=2000, eval_query_size=1000, out_dir=str(out), node_wait_timeout=5.0,
                     **mode)
     grid = MeteredGrid(client_app, num_nodes=sites)

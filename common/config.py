@@ -99,7 +99,7 @@ def setting(default: Any, help: str, check: Check | None = None) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     # what to train
-    method: str = setting("byol", "the self-supervised method: a module in common/methods/",
+    method: str = setting("simclr", "the self-supervised method: a module in common/methods/",
                           _choice(_method_names))
     # Checked where strategies live (server/strategies), with the same error type: common/
     # must not import server/.
@@ -166,10 +166,11 @@ class RunConfig:
     # federation
     num_rounds: int = setting(11, "federated rounds (centralized: read as epochs of the schedule)",
                               _at_least(1))
-    # Half the clients a round, as Flower's app template: on one machine the global model
-    # advances by about one client's local steps per round however many are averaged, so
-    # fewer clients and more rounds learn more per CPU second (docs/results.md).
-    fraction_train: float = setting(0.5, "share of the connected clients sampled to train each round",
+    # A tenth of the clients a round, as McMahan et al.'s C = 0.1 (min-train-clients keeps at
+    # least two): on one machine the global model advances by about one client's local steps
+    # per round however many are averaged, so fewer clients and more rounds learn more per
+    # CPU second (docs/results.md).
+    fraction_train: float = setting(0.1, "share of the connected clients sampled to train each round",
                                     _between(0.0, 1.0, low_open=True))
     min_train_clients: int = setting(2, "fewest clients a round samples, and the valid replies it "
                                      "needs to aggregate", _at_least(1))
@@ -222,9 +223,9 @@ class RunConfig:
                               "last)", _at_least(1))
     knn_k: int = setting(200, "neighbours the kNN monitor's vote counts", _at_least(1))
     knn_temperature: float = setting(0.1, "temperature of the kNN monitor's weighted vote", _positive)
-    eval_bank_size: int = setting(10000, "most labelled images in the kNN bank (a seeded sample)",
+    eval_bank_size: int = setting(2000, "most labelled images in the kNN bank (a seeded sample)",
                                   _at_least(1))
-    eval_query_size: int = setting(10000, "most images the kNN monitor classifies (a seeded sample)",
+    eval_query_size: int = setting(1000, "most images the kNN monitor classifies (a seeded sample)",
                                    _at_least(1))
     # Anything chosen by a score (a sweep's best cell, a default) must not be chosen on the
     # test images that then report it: "validation" keeps the test set for the final row.

@@ -9,7 +9,7 @@ from pathlib import Path
 from common.config import ConfigError, RunConfig
 
 # Settings of the simulation harness, not of the run (not sent to clients).
-HARNESS_DEFAULTS = {"num-clients": 5, "client-cpus": float(len(os.sched_getaffinity(0))),
+HARNESS_DEFAULTS = {"num-clients": 20, "client-cpus": float(len(os.sched_getaffinity(0))),
                     "client-gpus": 0.0, "ray-address": ""}
 
 

@@ -56,8 +56,9 @@ def fast_config(folder: Path, out: Path, **changes) -> RunConfig:
 
 
 def tiny_config(folder: Path, out: Path, **changes) -> RunConfig:
-    """A run that takes seconds: the compact encoder, small heads, small batches."""
-    base = dict(dataset="imagefolder", data_path=str(folder), eval_path=str(folder),
+    """A run that takes seconds: the compact encoder, small heads, small batches; BYOL, the
+    method with client-side state (its EMA target), which the federation tests exercise."""
+    base = dict(method="byol", dataset="imagefolder", data_path=str(folder), eval_path=str(folder),
                 proj_dim=32, hidden_dim=64, batch_size=8, num_rounds=2, min_train_clients=2,
                 fraction_train=1.0,
                 knn_k=10, out_dir=str(out), node_wait_timeout=5.0, seed=0, threads=2)

@@ -13,7 +13,6 @@ from common.methods import build_method
 from common.training import StepSettings, augmenter, train_epochs
 from conftest import cifar10_path
 
-# Measured with these settings: synthetic 0.319 -> 0.356, CIFAR-10 0.250 -> 0.286 (seed 0).
 # Two points is about two standard errors of a 2,000-query kNN estimate; a pipeline that does
 # not learn (wrong views, a frozen encoder, a broken loss) stays at or below the start.
 MIN_GAIN = 0.02
@@ -38,13 +37,17 @@ def _gain(cfg: RunConfig, train_count: int, eval_count: int, epochs: int) -> tup
     return before, _knn(method, bank, query)
 
 
-def test_byol_learns_on_the_embedded_synthetic_images():
-    before, after = _gain(RunConfig(), train_count=4000, eval_count=2000, epochs=4)
-    assert after > before + MIN_GAIN, (before, after)
+def test_the_default_method_learns_on_the_embedded_synthetic_images():
+    # SimCLR, 2,000 images x 2 epochs, seeds 0-2: +13.7 to +15.3 points with bf16 autocast,
+    # +8.9 to +16.2 in fp32 (AMD EPYC Zen 4, docs/results.md "Learning tests").
+    before, after = _gain(RunConfig(), train_count=2000, eval_count=2000, epochs=2)
+    assert after > before + 2 * MIN_GAIN, (before, after)
 
 
 @pytest.mark.skipif(cifar10_path() is None, reason="FEDSSL_CIFAR10_PATH is not set")
 def test_byol_learns_on_cifar10():
-    cfg = RunConfig(dataset="imagefolder", data_path=str(cifar10_path()))
+    # BYOL, the method with the most moving parts (EMA target, predictor), on real images:
+    # 0.250 -> 0.286 in fp32 (seed 0).
+    cfg = RunConfig(method="byol", dataset="imagefolder", data_path=str(cifar10_path()))
     before, after = _gain(cfg, train_count=10000, eval_count=2000, epochs=2)
     assert after > before + MIN_GAIN, (before, after)

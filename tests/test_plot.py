@@ -49,8 +49,8 @@ def test_several_runs_one_cut_short_without_summary(tmp_path):
     out = tmp_path / "many.png"
     assert main(["plot", *map(str, runs), "--out", str(out)]) == 0
     png_size(out)
-    assert [run_label(r) for r in runs] == ["byol + fedavg, iid", "byol + fedema, dirichlet a=0.1",
-                                            "byol centralized", "killed"]
+    assert [run_label(r) for r in runs] == ["simclr + fedavg, iid", "simclr + fedema, dirichlet a=0.1",
+                                            "simclr centralized", "killed"]
 
 
 @pytest.mark.parametrize("make_args, fragment", [

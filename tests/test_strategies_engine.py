@@ -14,7 +14,8 @@ pytestmark = pytest.mark.engine
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "ldawa", "fedu", "fedema"])
 def test_two_rounds_on_the_simulation_engine(small_image_folder, tmp_path, strategy):
     out = tmp_path / "run"
-    args = ["--strategy", strategy, "--dataset", "imagefolder", "--data-path", str(small_image_folder),
+    # BYOL: FedU and FedEMA act on its predictor and target.
+    args = ["--method", "byol", "--strategy", strategy, "--dataset", "imagefolder", "--data-path", str(small_image_folder),
             "--eval-path", str(small_image_folder), "--num-clients", "3", "--client-cpus", "1",
             "--rounds", "2", "--fraction", "1", "--batch-size", "4", "--image-size", "16", "--proj-dim", "32",
             "--hidden-dim", "64", "--knn-k", "5", "--probe", "false", "--threads", "1",

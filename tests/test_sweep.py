@@ -245,7 +245,8 @@ def test_the_seed_fixes_the_partitions_whatever_the_cell(image_folder, tmp_path)
 
     spec = parse_spec({"seeds": [0, 1], "baseline": "a",
                        "base": {"dataset": "imagefolder", "data-path": str(image_folder),
-                                "partition": "dirichlet", "alpha": 0.3, "num-clients": 3},
+                                "partition": "dirichlet", "alpha": 0.3, "num-clients": 3,
+                                "method": "byol"},
                        "cells": {"a": {"strategy": "fedavg"}, "b": {"strategy": "fedu", "lr": 0.1}}})
     a, b = spec.cell("a"), spec.cell("b")
     digest = {(c.name, s): partition_digest(c, c.run_config(s, tmp_path)) for c in (a, b) for s in (0, 1)}

@@ -31,7 +31,8 @@ def require_predictor(method_name: str, shared_keys) -> None:
     refuse it rather than run FedAvg under FedU's name."""
     if not any(k.startswith(PREDICTOR) for k in shared_keys):
         raise ConfigError(f"strategy='fedu' is invalid with method={method_name!r}: FedU keeps or "
-                          f"replaces the predictor, and {method_name} shares none; use fedema or fedavg")
+                          f"replaces the predictor, and {method_name} shares none; use method byol (FedU's "
+                          f"own), or strategy fedema or fedavg")
 
 
 def keeps_local_predictor(divergence: float, threshold: float) -> bool:
