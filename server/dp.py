@@ -54,10 +54,6 @@ from server.accounting import epsilon_spent
 from server.round_record import RoundRecord
 from server.privacy_settings import refuse_per_update_settings
 
-# Rules whose server side is FedAvg's mean: the noise then lands on the mean of the clipped
-# updates. A server optimizer (fedavgm, fedadam) would keep momentum built from noiseless
-# means; L-DAWA weights whole models by their cosine, not clipped updates.
-DP_RULES = ("fedavg", "fedu", "fedema")
 UNIT_WEIGHT = "dp-unit-weight"
 STATE_KEY = "dp"
 # The fields of a rule's round record (server/round_record.py) that come from the sites' own
@@ -70,13 +66,16 @@ ADJACENCY = ("add or remove one site (all its images); a removed, failed or reje
 SENSITIVITY = "C on the sum of clipped updates, C / m on the released mean (m = sites sampled)"
 
 
-def check(cfg: RunConfig) -> None:
-    """Refuse settings DP cannot run with, in one line each."""
+def check(cfg: RunConfig, fedavg_means: list[str]) -> None:
+    """Refuse settings DP cannot run with, in one line each. `fedavg_means`: the rules whose
+    aggregate is FedAvg's mean (server/rule.py), the only ones the noised mean of clipped
+    updates can stand in for: a server optimizer (fedavgm, fedadam) would keep momentum built
+    from noiseless means; L-DAWA weights whole models by their cosine, not clipped updates."""
     if cfg.dp == "none":
         return
-    if cfg.strategy not in DP_RULES:
+    if cfg.strategy not in fedavg_means:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid with dp={cfg.dp!r}: allowed: "
-                          f"{', '.join(DP_RULES)} (the noise must land on the mean of clipped updates)")
+                          f"{', '.join(fedavg_means)} (the noise must land on the mean of clipped updates)")
     refuse_per_update_settings(
         cfg, f"dp={cfg.dp!r}",
         norm_reason="clipping bounds each update, and rejecting by the others' norms would make "

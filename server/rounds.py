@@ -1,8 +1,8 @@
-"""What every fedssl strategy adds to its Flower strategy: the run config sent unchanged
-each round (clients compute the round's schedules from its number: common/schedules.py),
-screening of every train reply before aggregation, a record of which clients were accepted
-or rejected and why (a RoundRecord per round: server/round_record.py), and the round offset
-and server state that let a run resume from a checkpoint."""
+"""The fedssl round around a rule's Flower strategy: the run config sent unchanged each round
+(clients compute the round's schedules from its number: common/schedules.py), screening of
+every train reply before aggregation, a record of which clients were accepted or rejected and
+why (a RoundRecord per round: server/round_record.py), and the round offset and server state
+that let a run resume from a checkpoint."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from common.config import RunConfig
 from common.global_updates import METRIC_PREFIX
@@ -20,6 +21,7 @@ from server.mean import WeightedMean
 from server.nodes import RegisteredOrder, registration_order, wait_for_nodes
 from server.round_record import RoundOffset, RoundRecord
 from server.npy_view import as_numpy
+from server.rule import KeepsServerState
 from server.validation import screen, spec_of
 
 log = logging.getLogger("fedssl")
@@ -38,13 +40,6 @@ def client_rules(replies: list[Message]) -> dict[str, dict[str, float]]:
     return rules
 
 
-def sampling(cfg: RunConfig) -> dict:
-    """The Flower strategy arguments every rule shares: who trains each round. Evaluation is
-    the server's own (server/evaluation.py), so no client is asked to evaluate."""
-    return dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
-                min_train_nodes=cfg.min_train_clients, min_available_nodes=cfg.min_train_clients)
-
-
 def _attribute_link_errors(replies: list[Message], sent: list[Metadata]) -> None:
     """The SuperLink answers for a node whose heartbeat stopped (Flower's NODE_UNAVAILABLE
     error reply) from its own node id; put that answer back under the node it was sent to,
@@ -57,21 +52,16 @@ def _attribute_link_errors(replies: list[Message], sent: list[Metadata]) -> None
             reply.metadata.__dict__["_src_node_id"] = node  # Metadata has no setter for it
 
 
-class SSLRounds:
-    """Mixin placed before a Flower strategy class: `class X(SSLRounds, FedAvg)`.
+class SSLRounds(Strategy):
+    """Holds the Flower strategy that aggregates (`rule`, built from the run's
+    server/strategies declaration), the way Flower's DP wrappers hold theirs: each round it
+    sends through the rule's sampling, screens the replies, and hands the rule the accepted
+    ones, or (`streams_mean`, a rule whose aggregate is FedAvg's mean) sums them while
+    screening and asks the rule only for the metrics."""
 
-    `server_state_attrs` names the attributes where the Flower strategy keeps state across
-    rounds as None or a dict of arrays (FedAdam's `m_t`, `v_t`, `current_arrays`), so a
-    checkpoint holds them without knowing which strategy it is; a strategy keeping state in
-    another shape overrides `server_state` / `load_server_state`.
-    """
-
-    server_state_attrs: tuple[str, ...] = ()
-    # FedAvg's mean is summed while the replies are screened (server/mean.py); a rule that
-    # needs the replies themselves (a server optimizer, L-DAWA's angles) leaves this off.
-    streams_mean = False
-
-    def setup_rounds(self, cfg: RunConfig) -> None:
+    def __init__(self, rule: Strategy, cfg: RunConfig, *, streams_mean: bool = False):
+        self.rule = rule
+        self.streams_mean = streams_mean
         self.min_valid = cfg.min_train_clients
         self.max_norm_ratio = cfg.max_update_norm_ratio
         self.round_timeout = cfg.round_timeout
@@ -88,6 +78,15 @@ class SSLRounds:
         self._rank: dict[int, int] = {}
         # The replies the latest round aggregated (DP counts them: server/dp.py).
         self.last_accepted: list[Message] = []
+
+    @property
+    def weighted_by_key(self) -> str:
+        """The reply metric that weighs a site, in screening's mean and in the rule's."""
+        return self.rule.weighted_by_key
+
+    @weighted_by_key.setter
+    def weighted_by_key(self, key: str) -> None:
+        self.rule.weighted_by_key = key
 
     def resume_after(self, completed_round: int) -> None:
         self.offset = RoundOffset(completed_round)
@@ -109,12 +108,12 @@ class SSLRounds:
         # A copy each round: Flower writes the round number into the record it is given.
         round_config = ConfigRecord(dict(config))
         self._rank = {node: rank for rank, node in enumerate(registration_order(grid))}
-        messages = list(super().configure_train(server_round, arrays, round_config, RegisteredOrder(grid)))
+        messages = list(self.rule.configure_train(server_round, arrays, round_config, RegisteredOrder(grid)))
         # Narrowed only in the messages: Flower's strategy (FedAdam's current arrays) and the
         # global model this server keeps stay in the method's dtypes.
         sent = self._as_sent(arrays)
         for message in messages:
-            message.content[self.arrayrecord_key] = sent
+            message.content[self.rule.arrayrecord_key] = sent
         self._sent[server_round] = [m.metadata for m in messages]
         self._bytes_sent[server_round] = sent.count_bytes() * len(messages)
         return messages
@@ -181,8 +180,8 @@ class SSLRounds:
 
     def _aggregate_accepted(self, server_round: int, accepted: list[Message], mean: WeightedMean | None):
         if mean is None:
-            return super().aggregate_train(server_round, accepted)
-        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+            return self.rule.aggregate_train(server_round, accepted)
+        metrics = self.rule.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in mean.result().items()}), metrics
 
     def privacy_report(self) -> dict:
@@ -190,12 +189,22 @@ class SSLRounds:
         return {"dp": "none", "secure_aggregation": False}
 
     def server_state(self) -> dict[str, dict[str, np.ndarray]]:
-        """The wrapped strategy's own state, for a checkpoint."""
-        return {attr: {k: np.asarray(v) for k, v in getattr(self, attr).items()}
-                for attr in self.server_state_attrs if getattr(self, attr, None) is not None}
+        """The rule's own state, for a checkpoint."""
+        return self.rule.server_state() if isinstance(self.rule, KeepsServerState) else {}
 
     def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        for attr, arrays in state.items():
-            if attr not in self.server_state_attrs:
-                raise KeyError(f"checkpoint holds server state {attr!r} this strategy does not keep")
-            setattr(self, attr, dict(arrays))
+        if isinstance(self.rule, KeepsServerState):
+            return self.rule.load_server_state(state)
+        for attr in state:
+            raise KeyError(f"checkpoint holds server state {attr!r} this strategy does not keep")
+
+    # --- what Flower's Strategy asks besides training: the rule's answers -------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.rule.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.rule.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.rule.summary()

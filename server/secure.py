@@ -30,17 +30,17 @@ from server.round_record import RoundOffset, RoundRecord
 from server.privacy_settings import refuse_per_update_settings
 
 log = logging.getLogger("fedssl")
-SECURE_RULES = ("fedavg", "fedu", "fedema")
 WEIGHT_KEY = "num-examples"
 
 
-def check(cfg: RunConfig) -> None:
-    """Refuse settings SecAgg+ cannot run with, in one line each."""
+def check(cfg: RunConfig, fedavg_means: list[str]) -> None:
+    """Refuse settings SecAgg+ cannot run with, in one line each. `fedavg_means`: the rules
+    whose aggregate is FedAvg's mean (server/rule.py), which the unmasked sum can stand in for."""
     if not cfg.secure_aggregation:
         return
-    if cfg.strategy not in SECURE_RULES:
+    if cfg.strategy not in fedavg_means:
         raise ConfigError(f"strategy={cfg.strategy!r} is invalid with secure-aggregation=true: allowed: "
-                          f"{', '.join(SECURE_RULES)} (the server sees only the sum of the updates)")
+                          f"{', '.join(fedavg_means)} (the server sees only the sum of the updates)")
     refuse_per_update_settings(
         cfg, "secure-aggregation=true", norm_reason="the server never sees an individual update's norm",
         dtype_reason="SecAgg+ sends its masked update as quantized integers")

@@ -90,23 +90,21 @@ def test_rng_and_server_state_survive_the_checkpoint_file(tmp_path):
 
 def test_a_strategy_declares_its_server_state_and_gets_it_back():
     import numpy as np
-    from flwr.serverapp.strategy import FedAdam
+    from flwr.serverapp.strategy import FedAdam, FedAvg
 
     from common.config import RunConfig
     from server.rounds import SSLRounds
-    from server.strategies.fedavg import FedAvgSSL
+    from server.rule import KeepsServerState
 
-    class FedAdamSSL(SSLRounds, FedAdam):
+    class FedAdamWithState(KeepsServerState, FedAdam):
         server_state_attrs = ("current_arrays", "m_t", "v_t")
 
-    before = FedAdamSSL()
-    before.setup_rounds(RunConfig())
-    before.current_arrays, before.m_t = {"w": np.zeros(3)}, {"w": np.full(3, 0.5)}
+    before = SSLRounds(FedAdamWithState(), RunConfig())
+    before.rule.current_arrays, before.rule.m_t = {"w": np.zeros(3)}, {"w": np.full(3, 0.5)}
     state = before.server_state()
     assert set(state) == {"current_arrays", "m_t"}  # v_t not yet built
-    after = FedAdamSSL()
-    after.setup_rounds(RunConfig())
+    after = SSLRounds(FedAdamWithState(), RunConfig())
     after.load_server_state(state)
-    assert np.array_equal(after.m_t["w"], before.m_t["w"]) and after.v_t is None
+    assert np.array_equal(after.rule.m_t["w"], before.rule.m_t["w"]) and after.rule.v_t is None
     with pytest.raises(KeyError, match="server state 'current_arrays' this strategy does not keep"):
-        FedAvgSSL().load_server_state(state)
+        SSLRounds(FedAvg(), RunConfig()).load_server_state(state)

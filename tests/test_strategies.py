@@ -129,6 +129,35 @@ def test_fedu_refuses_a_method_without_a_predictor_on_client_and_server(monkeypa
         build_strategy(cfg)
 
 
+def test_a_rules_declaration_alone_decides_what_may_stand_in_for_its_aggregate(
+        monkeypatch, small_image_folder, tmp_path):
+    from dataclasses import replace
+
+    from server.rounds import SSLRounds
+    from server.strategies import RULES
+    from server.strategies.fedavg import RULE as FEDAVG
+
+    private = dict(dp="fixed", max_update_norm_ratio=0.0)
+    # a new rule, FedAvg's aggregation but not declared a FedAvg mean: DP and SecAgg+ refuse it
+    monkeypatch.setitem(RULES, "mine", replace(FEDAVG, fedavg_mean=False))
+    for settings in (private, dict(secure_aggregation=True, max_update_norm_ratio=0.0)):
+        with pytest.raises(ConfigError, match="strategy='mine' is invalid with .*allowed: fedavg, fedu, fedema\\b"):
+            build_strategy(fast_config(small_image_folder, tmp_path, strategy="mine", **settings))
+    plain = build_strategy(fast_config(small_image_folder, tmp_path, strategy="mine"))
+    assert isinstance(plain, SSLRounds) and not plain.streams_mean
+    # declared one, it is allowed under DP and its mean is summed while screening
+    monkeypatch.setitem(RULES, "mine", FEDAVG)
+    assert build_strategy(fast_config(small_image_folder, tmp_path, strategy="mine")).streams_mean
+    assert build_strategy(fast_config(small_image_folder, tmp_path, strategy="mine", **private)).strategy.streams_mean
+    # its check runs before anything is built, also under SecAgg+
+    def refuse(cfg):
+        raise ConfigError("mine refuses")
+    monkeypatch.setitem(RULES, "mine", replace(FEDAVG, check=refuse))
+    with pytest.raises(ConfigError, match="mine refuses"):
+        build_strategy(fast_config(small_image_folder, tmp_path, strategy="mine", secure_aggregation=True,
+                                   max_update_norm_ratio=0.0))
+
+
 def test_rules_by_strategy_name_and_a_previous_model_that_no_longer_fits():
     assert rule_for("fedavg").keeps_previous is False and rule_for("ldawa").keeps_previous is False
     assert rule_for("fedu").keeps_previous and rule_for("fedema").keeps_previous

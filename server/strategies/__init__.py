@@ -1,46 +1,49 @@
-"""Aggregation rules, selected by the run config's `strategy`. A rule is one module with a
-`build(cfg)` returning a Flower strategy that mixes in server.rounds.SSLRounds."""
+"""Aggregation rules, selected by the run config's `strategy`: one module each, declaring its
+`RULE` (server/rule.py's AggregationRule), and one line here."""
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import Iterator
 
 from common.config import ConfigError, RunConfig
 from server import dp, secure
 from server.protocol import SSLStrategy
 from server.rounds import SSLRounds
+from server.rule import AggregationRule
 from server.strategies import (bulyan, fedadam, fedavg, fedavgm, fedema, fedmedian, fedtrimmedavg, fedu,
                                krum, ldawa, multikrum)
 
-STRATEGIES: dict[str, Callable[[RunConfig], SSLRounds]] = {
-    "fedavg": fedavg.build,
-    "fedavgm": fedavgm.build,
-    "fedadam": fedadam.build,
-    "fedu": fedu.build,
-    "fedema": fedema.build,
-    "ldawa": ldawa.build,
-    "fedmedian": fedmedian.build,
-    "fedtrimmedavg": fedtrimmedavg.build,
-    "krum": krum.build,
-    "multikrum": multikrum.build,
-    "bulyan": bulyan.build,
+RULES: dict[str, AggregationRule] = {
+    "fedavg": fedavg.RULE,
+    "fedavgm": fedavgm.RULE,
+    "fedadam": fedadam.RULE,
+    "fedu": fedu.RULE,
+    "fedema": fedema.RULE,
+    "ldawa": ldawa.RULE,
+    "fedmedian": fedmedian.RULE,
+    "fedtrimmedavg": fedtrimmedavg.RULE,
+    "krum": krum.RULE,
+    "multikrum": multikrum.RULE,
+    "bulyan": bulyan.RULE,
 }
 
 
 def build_strategy(cfg: RunConfig) -> SSLStrategy:
-    """The run's rule, with its privacy mode (docs/privacy.md): as it is, wrapped for DP, or
-    (SecAgg+) replaced by the secure adapter, which runs FedAvg's mean under masks."""
-    if cfg.strategy not in STRATEGIES:
-        raise ConfigError(f"strategy={cfg.strategy!r} is invalid: allowed: {', '.join(STRATEGIES)}")
-    dp.check(cfg)
-    secure.check(cfg)
-    with _quiet_flower():  # also under SecAgg+: the rule's own checks apply
-        strategy = STRATEGIES[cfg.strategy](cfg)
+    """The run's rule, with its privacy mode (docs/privacy.md): in SSLRounds as it is, wrapped
+    for DP, or (SecAgg+) replaced by the secure adapter, which runs FedAvg's mean under masks."""
+    if cfg.strategy not in RULES:
+        raise ConfigError(f"strategy={cfg.strategy!r} is invalid: allowed: {', '.join(RULES)}")
+    rule = RULES[cfg.strategy]
+    fedavg_means = [name for name, declared in RULES.items() if declared.fedavg_mean]
+    dp.check(cfg, fedavg_means)
+    secure.check(cfg, fedavg_means)
+    rule.check(cfg)
     if cfg.secure_aggregation:
         return secure.build(cfg)
-    strategy.setup_rounds(cfg)
-    return dp.private(cfg, strategy)
+    with _quiet_flower():
+        aggregation = rule.build(cfg)
+    return dp.private(cfg, SSLRounds(aggregation, cfg, streams_mean=rule.fedavg_mean))
 
 
 @contextlib.contextmanager

@@ -8,15 +8,21 @@ from __future__ import annotations
 from flwr.serverapp.strategy import Bulyan
 
 from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, sampling
 from server.strategies.robust import InSentDtypes, require_replies, select_by_float_distances
 
 
-class BulyanSSL(SSLRounds, InSentDtypes, Bulyan):
+class BulyanInSentDtypes(InSentDtypes, Bulyan):
     pass
 
 
-def build(cfg: RunConfig) -> BulyanSSL:
+def check(cfg: RunConfig) -> None:
     require_replies(cfg, 4 * cfg.num_malicious + 3, "Bulyan's bound: 4 f + 3")
-    return BulyanSSL(**sampling(cfg), num_malicious_nodes=cfg.num_malicious,
-                     selection_rule=select_by_float_distances)
+
+
+def build(cfg: RunConfig) -> BulyanInSentDtypes:
+    return BulyanInSentDtypes(**sampling(cfg), num_malicious_nodes=cfg.num_malicious,
+                              selection_rule=select_by_float_distances)
+
+
+RULE = AggregationRule(build=build, check=check)

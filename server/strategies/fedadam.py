@@ -9,16 +9,19 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAdam
 
 from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, KeepsServerState, sampling
 from server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
 
-class FedAdamSSL(SSLRounds, StatisticsAsMean, FedAdam):
+class FedAdamOnParameters(KeepsServerState, StatisticsAsMean, FedAdam):
     server_state_attrs = ("m_t", "v_t")
 
 
-def build(cfg: RunConfig) -> FedAdamSSL:
-    strategy = FedAdamSSL(**sampling(cfg), eta=cfg.fedadam_lr, beta_1=cfg.server_momentum,
-                          tau=cfg.fedadam_tau)
+def build(cfg: RunConfig) -> FedAdamOnParameters:
+    strategy = FedAdamOnParameters(**sampling(cfg), eta=cfg.fedadam_lr, beta_1=cfg.server_momentum,
+                                   tau=cfg.fedadam_tau)
     strategy.statistics = statistics_keys(cfg)
     return strategy
+
+
+RULE = AggregationRule(build=build)

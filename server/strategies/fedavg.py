@@ -3,13 +3,6 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, sampling
 
-
-class FedAvgSSL(SSLRounds, FedAvg):
-    streams_mean = True
-
-
-def build(cfg: RunConfig) -> FedAvgSSL:
-    return FedAvgSSL(**sampling(cfg))
+RULE = AggregationRule(build=lambda cfg: FedAvg(**sampling(cfg)), fedavg_mean=True)

@@ -7,13 +7,13 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvgM
 
 from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, KeepsServerState, sampling
 from server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
 MOMENTUM = "momentum_vector"
 
 
-class FedAvgMSSL(SSLRounds, StatisticsAsMean, FedAvgM):
+class FedAvgMOnParameters(KeepsServerState, StatisticsAsMean, FedAvgM):
     # Momentum restored from a checkpoint, by array name, until the first round orders it.
     _saved_momentum: dict | None = None
 
@@ -38,8 +38,11 @@ class FedAvgMSSL(SSLRounds, StatisticsAsMean, FedAvgM):
         self._saved_momentum = state.get(MOMENTUM)
 
 
-def build(cfg: RunConfig) -> FedAvgMSSL:
-    strategy = FedAvgMSSL(**sampling(cfg), server_learning_rate=cfg.server_lr,
-                          server_momentum=cfg.server_momentum)
+def build(cfg: RunConfig) -> FedAvgMOnParameters:
+    strategy = FedAvgMOnParameters(**sampling(cfg), server_learning_rate=cfg.server_lr,
+                                   server_momentum=cfg.server_momentum)
     strategy.statistics = statistics_keys(cfg)
     return strategy
+
+
+RULE = AggregationRule(build=build)

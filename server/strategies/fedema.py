@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from server.strategies import fedavg
 
-build = fedavg.build
+RULE = fedavg.RULE

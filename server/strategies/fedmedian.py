@@ -7,14 +7,16 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedMedian
 
 from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, sampling
 from server.strategies.robust import InSentDtypes, require_replies
 
 
-class FedMedianSSL(SSLRounds, InSentDtypes, FedMedian):
+class FedMedianInSentDtypes(InSentDtypes, FedMedian):
     pass
 
 
-def build(cfg: RunConfig) -> FedMedianSSL:
+def check(cfg: RunConfig) -> None:
     require_replies(cfg, 2 * cfg.num_malicious + 1, "a median needs a majority of honest replies: 2 f + 1")
-    return FedMedianSSL(**sampling(cfg))
+
+
+RULE = AggregationRule(build=lambda cfg: FedMedianInSentDtypes(**sampling(cfg)), check=check)

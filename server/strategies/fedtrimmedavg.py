@@ -9,11 +9,11 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedTrimmedAvg
 
 from common.config import ConfigError, RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, sampling
 from server.strategies.robust import InSentDtypes, require_replies
 
 
-class FedTrimmedAvgSSL(SSLRounds, InSentDtypes, FedTrimmedAvg):
+class FedTrimmedAvgInSentDtypes(InSentDtypes, FedTrimmedAvg):
     pass
 
 
@@ -26,10 +26,13 @@ def fewest_replies(beta: float, num_malicious: int) -> int:
     return n
 
 
-def build(cfg: RunConfig) -> FedTrimmedAvgSSL:
+def check(cfg: RunConfig) -> None:
     if cfg.num_malicious and cfg.trim_beta == 0:
         raise ConfigError(f"trim-beta=0.0 is invalid with num-malicious={cfg.num_malicious}: must be > 0, "
                           "or nothing is cut")
     require_replies(cfg, fewest_replies(cfg.trim_beta, cfg.num_malicious),
                     f"trim-beta={cfg.trim_beta:g} must cut num-malicious replies from each end")
-    return FedTrimmedAvgSSL(**sampling(cfg), beta=cfg.trim_beta)
+
+
+RULE = AggregationRule(build=lambda cfg: FedTrimmedAvgInSentDtypes(**sampling(cfg), beta=cfg.trim_beta),
+                       check=check)

@@ -2,13 +2,17 @@
 update runs on each client (common/global_updates/fedu.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from common.config import RunConfig
 from common.global_updates.fedu import require_predictor
 from common.methods import build_method
 from server.strategies import fedavg
 
 
-def build(cfg: RunConfig) -> fedavg.FedAvgSSL:
+def check(cfg: RunConfig) -> None:
     # Refused here, before round 1, rather than as an error reply from every client each round.
     require_predictor(cfg.method, build_method(cfg).shared_state())
-    return fedavg.build(cfg)
+
+
+RULE = replace(fedavg.RULE, check=check)

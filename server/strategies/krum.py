@@ -7,14 +7,17 @@ from __future__ import annotations
 from flwr.serverapp.strategy import Krum
 
 from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, sampling
 from server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
 
 
-class KrumSSL(SSLRounds, InSentDtypes, FloatDistanceKrum, Krum):
+class KrumOnFloats(InSentDtypes, FloatDistanceKrum, Krum):
     pass
 
 
-def build(cfg: RunConfig) -> KrumSSL:
+def check(cfg: RunConfig) -> None:
     require_replies(cfg, 2 * cfg.num_malicious + 3, "Krum's bound: 2 f + 3")
-    return KrumSSL(**sampling(cfg), num_malicious_nodes=cfg.num_malicious)
+
+
+RULE = AggregationRule(build=lambda cfg: KrumOnFloats(**sampling(cfg), num_malicious_nodes=cfg.num_malicious),
+                       check=check)

@@ -24,7 +24,8 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
-from server.rounds import SSLRounds, sampling
+from server.npy_view import as_numpy
+from server.rule import AggregationRule, sampling
 from server.strategies.running_stats import StatisticsAsMean, in_dtype, statistics_keys
 
 
@@ -51,8 +52,14 @@ def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]],
 
 class LDAWA(FedAvg):
     """FedAvg with L-DAWA's aggregation of the arrays it is handed (the parameters, under
-    StatisticsAsMean); metrics are still example-weighted. The global model the round started
-    from is SSLRounds' `_global`."""
+    StatisticsAsMean); metrics are still example-weighted."""
+
+    # The global model the round's clients started from, as numpy arrays.
+    round_start: dict[str, np.ndarray] = {}
+
+    def configure_train(self, server_round, arrays: ArrayRecord, config, grid):
+        self.round_start = as_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         contents = [m.content for m in replies if not m.has_error()]
@@ -60,16 +67,19 @@ class LDAWA(FedAvg):
             return None, None
         clients = [{k: v.numpy() for k, v in next(iter(c.array_records.values())).items()}
                    for c in contents]
-        arrays = ldawa_aggregate(clients, self._global)
+        arrays = ldawa_aggregate(clients, self.round_start)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
 
 
-class LDAWASSL(SSLRounds, StatisticsAsMean, LDAWA):
+class LDAWAOnParameters(StatisticsAsMean, LDAWA):
     pass
 
 
-def build(cfg: RunConfig) -> LDAWASSL:
-    strategy = LDAWASSL(**sampling(cfg))
+def build(cfg: RunConfig) -> LDAWAOnParameters:
+    strategy = LDAWAOnParameters(**sampling(cfg))
     strategy.statistics = statistics_keys(cfg)
     return strategy
+
+
+RULE = AggregationRule(build=build)

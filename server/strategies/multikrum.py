@@ -8,19 +8,25 @@ from __future__ import annotations
 from flwr.serverapp.strategy import MultiKrum
 
 from common.config import ConfigError, RunConfig
-from server.rounds import SSLRounds, sampling
+from server.rule import AggregationRule, sampling
 from server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
 
 
-class MultiKrumSSL(SSLRounds, InSentDtypes, FloatDistanceKrum, MultiKrum):
+class MultiKrumOnFloats(InSentDtypes, FloatDistanceKrum, MultiKrum):
     pass
 
 
-def build(cfg: RunConfig) -> MultiKrumSSL:
+def check(cfg: RunConfig) -> None:
     require_replies(cfg, 2 * cfg.num_malicious + 3, "Krum's bound: 2 f + 3")
     if cfg.multikrum_keep > cfg.min_train_clients - cfg.num_malicious:
         raise ConfigError(f"multikrum-keep={cfg.multikrum_keep} is invalid with min-train-clients="
                           f"{cfg.min_train_clients} and num-malicious={cfg.num_malicious}: must be <= "
                           f"{cfg.min_train_clients - cfg.num_malicious} (n - f), or 0 for all but f")
-    return MultiKrumSSL(**sampling(cfg), num_malicious_nodes=cfg.num_malicious,
-                        num_nodes_to_select=cfg.multikrum_keep)
+
+
+def build(cfg: RunConfig) -> MultiKrumOnFloats:
+    return MultiKrumOnFloats(**sampling(cfg), num_malicious_nodes=cfg.num_malicious,
+                             num_nodes_to_select=cfg.multikrum_keep)
+
+
+RULE = AggregationRule(build=build, check=check)

@@ -37,8 +37,7 @@ def require_replies(cfg: RunConfig, needed: int, why: str) -> None:
 
 
 class InSentDtypes:
-    """Placed between SSLRounds and the Flower rule: the aggregate comes back in the dtypes the
-    sites sent (a median or a mean of int64 counters is float64), counters rounded."""
+    """Placed before the Flower rule: the aggregate comes back in the dtypes the sites sent (a median or a mean of int64 counters is float64), counters rounded."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)

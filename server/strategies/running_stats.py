@@ -57,8 +57,8 @@ def _without(reply: Message, keys: frozenset[str]) -> Message:
 
 
 class StatisticsAsMean:
-    """Placed between SSLRounds and the Flower strategy, so it sees the accepted replies and
-    the Flower strategy sees parameters only: `class X(SSLRounds, StatisticsAsMean, FedAdam)`.
+    """Placed before the Flower strategy, so it sees the accepted replies and the Flower
+    strategy sees parameters only: `class X(StatisticsAsMean, FedAdam)`.
 
     `statistics` is set by the rule's build (`statistics_keys(cfg)`); integer arrays count as
     statistics whatever the method, as step counters. The aggregate comes back in the dtypes
@@ -67,7 +67,7 @@ class StatisticsAsMean:
 
     statistics: frozenset[str] = frozenset()
     weighted_by_key: str
-    server_state_attrs: tuple[str, ...]
+    server_state_attrs: tuple[str, ...] = ()  # KeepsServerState's, where mixed in
 
     def statistics_in(self, arrays: Mapping) -> frozenset[str]:
         return frozenset(k for k, v in arrays.items()
