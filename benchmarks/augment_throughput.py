@@ -21,7 +21,7 @@ import torch
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common.augment import MEAN, STD, AugmentConfig, TwoViewAugment  # noqa: E402
+from fedssl.common.augment import MEAN, STD, AugmentConfig, TwoViewAugment  # noqa: E402
 
 
 def torchvision_view(size: int, blur: bool) -> v2.Compose:

@@ -89,10 +89,10 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from client.local_data import local_images
-    from common.config import RunConfig
-    from common.datasets import load_images
-    from common.device import set_threads
+    from fedssl.client.local_data import local_images
+    from fedssl.common.config import RunConfig
+    from fedssl.common.datasets import load_images
+    from fedssl.common.device import set_threads
 
     set_threads(args.threads)
     cfg = RunConfig.from_mapping({"image-size": args.image_size, "batch-size": args.batch, "method": "byol",
@@ -125,8 +125,8 @@ def child(args) -> dict:
             note()
         result["images"] = len(images)
     elif args.mode == "train":
-        from common.methods import build_method
-        from common.training import StepSettings, augmenter, train_epochs
+        from fedssl.common.methods import build_method
+        from fedssl.common.training import StepSettings, augmenter, train_epochs
 
         data = local_images(cfg, {"data-path": args.folder})
         picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: args.train_images]

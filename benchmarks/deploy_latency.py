@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simulations.loopback import LoopbackDeployment, scratch_dir, site_images, tiny_run_config  # noqa: E402
+from fedssl.simulations.loopback import LoopbackDeployment, scratch_dir, site_images, tiny_run_config  # noqa: E402
 
 STAMP = re.compile(r"^\w+ flwr (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \| [\w.]+:\d+ \| (.*)$")
 

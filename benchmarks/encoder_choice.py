@@ -19,12 +19,12 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common.config import RunConfig  # noqa: E402
-from common.datasets import load_eval_split, load_images  # noqa: E402
-from common.device import cpu_has_native_bf16, set_threads  # noqa: E402
-from common.evaluation import collapse_std, embed, knn_top1  # noqa: E402
-from common.methods import build_method  # noqa: E402
-from common.training import StepSettings, augmenter, train_epochs  # noqa: E402
+from fedssl.common.config import RunConfig  # noqa: E402
+from fedssl.common.datasets import load_eval_split, load_images  # noqa: E402
+from fedssl.common.device import cpu_has_native_bf16, set_threads  # noqa: E402
+from fedssl.common.evaluation import collapse_std, embed, knn_top1  # noqa: E402
+from fedssl.common.methods import build_method  # noqa: E402
+from fedssl.common.training import StepSettings, augmenter, train_epochs  # noqa: E402
 
 CPU = torch.device("cpu")
 

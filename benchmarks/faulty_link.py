@@ -23,8 +23,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simulations.loopback import LoopbackDeployment, scratch_dir, site_images, tiny_run_config  # noqa: E402
-from simulations.tcp_proxy import FaultyLink, Link  # noqa: E402
+from fedssl.simulations.loopback import LoopbackDeployment, scratch_dir, site_images, tiny_run_config  # noqa: E402
+from fedssl.simulations.tcp_proxy import FaultyLink, Link  # noqa: E402
 
 PROFILES = {
     "direct": None,

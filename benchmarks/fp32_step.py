@@ -30,10 +30,10 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common.config import RunConfig  # noqa: E402
-from common.device import set_threads  # noqa: E402
-from common.encoders import build_encoder  # noqa: E402
-from common.methods import build_method  # noqa: E402
+from fedssl.common.config import RunConfig  # noqa: E402
+from fedssl.common.device import set_threads  # noqa: E402
+from fedssl.common.encoders import build_encoder  # noqa: E402
+from fedssl.common.methods import build_method  # noqa: E402
 
 
 def _best(variants: dict, reps: int) -> dict[str, float]:

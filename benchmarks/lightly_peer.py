@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 
-from common.device import autocast
-from common.encoders import build_encoder
-from common.methods.base import HeadSizes
-from common.training import TrainResult
+from fedssl.common.device import autocast
+from fedssl.common.encoders import build_encoder
+from fedssl.common.methods.base import HeadSizes
+from fedssl.common.training import TrainResult
 
 try:
     from lightly.loss import NegativeCosineSimilarity

@@ -44,11 +44,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.config import RunConfig  # noqa: E402
-from common.datasets import load_images  # noqa: E402
-from common.device import select_device, set_threads  # noqa: E402
-from common.methods import build_method  # noqa: E402
-from common.training import StepSettings, augmenter, train_epochs  # noqa: E402
+from fedssl.common.config import RunConfig  # noqa: E402
+from fedssl.common.datasets import load_images  # noqa: E402
+from fedssl.common.device import select_device, set_threads  # noqa: E402
+from fedssl.common.methods import build_method  # noqa: E402
+from fedssl.common.training import StepSettings, augmenter, train_epochs  # noqa: E402
 from process_memory import TreePeak, current_rss, peak_rss, reset_peak_rss  # noqa: E402
 
 TARGETS = {"vs_lightly": 1.5, "vs_model_only": 0.85, "overhead": 1.15, "scale_gb": 4.0,
@@ -151,7 +151,7 @@ def simulate_process(flags: list[str], out: Path) -> dict:
     """`fedssl simulate` in its own process, its tree's memory sampled; its metrics rows."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=tempfile.mkdtemp(prefix="fedssl-bench-flwr-"))
-    command = [sys.executable, "-m", "simulations.cli", "simulate", *flags, "--out", str(out)]
+    command = [sys.executable, "-m", "fedssl.simulations.cli", "simulate", *flags, "--out", str(out)]
     start = time.perf_counter()
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc, TreePeak(proc.pid) as memory:
@@ -266,9 +266,9 @@ def aggregate(args) -> dict:
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    from common.records import to_record
-    from simulations.inprocess_grid import InProcessGrid
-    from server.strategies import build_strategy
+    from fedssl.common.records import to_record
+    from fedssl.simulations.inprocess_grid import InProcessGrid
+    from fedssl.server.strategies import build_strategy
 
     set_threads(args.threads)
     cfg = RunConfig.from_mapping({**overrides(args.set), "method": args.method, "encoder": args.encoder,
@@ -306,10 +306,10 @@ def aggregate(args) -> dict:
 # ----------------------------------------------------------------------------- transfer
 
 def transfer(args) -> dict:
-    from client.app import app as client_app
-    from simulations.inprocess_grid import InProcessGrid
-    from server.app import run_federation
-    from simulations.cli import load_preset
+    from fedssl.client.app import app as client_app
+    from fedssl.simulations.inprocess_grid import InProcessGrid
+    from fedssl.server.app import run_federation
+    from fedssl.simulations.cli import load_preset
 
     base = {**(load_preset(args.preset) if args.preset else {}), **data_settings(args), **overrides(args.set)}
     results = []

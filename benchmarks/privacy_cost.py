@@ -21,10 +21,10 @@ sys.path[:0] = [str(ROOT)]
 from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
 from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
 
-from client.app import app as client_app  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from simulations.inprocess_grid import InProcessGrid  # noqa: E402
-from server.app import run_federation  # noqa: E402
+from fedssl.client.app import app as client_app  # noqa: E402
+from fedssl.common.config import RunConfig  # noqa: E402
+from fedssl.simulations.inprocess_grid import InProcessGrid  # noqa: E402
+from fedssl.server.app import run_federation  # noqa: E402
 
 MODES = {
     "plain": {},

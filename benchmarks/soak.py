@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simulations.loopback import (BIN, PROJECT, LoopbackDeployment, _detached_children,  # noqa: E402
+from fedssl.simulations.loopback import (BIN, PROJECT, LoopbackDeployment, _detached_children,  # noqa: E402
                                   scratch_dir, site_images, tiny_run_config)
 
 WARM_UP = 5  # rounds left out of the slopes

@@ -10,19 +10,19 @@ from typing import Callable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_data import local_images
-from client.privacy import clip_update_mod
-from client.secure import secure_rounds_mod
-from client.state_store import Store, state_store
-from client.transfer import transfer_mod
-from common.config import RunConfig
-from common.image_set import ImageSet
-from common.device import select_device, set_threads
-from common.global_updates import METRIC_PREFIX, Rule, rule_for
-from common.methods import build_method
-from common.records import from_record, to_record
-from common.schedules import round_lr
-from common.training import StepSettings, augmenter, steps_per_epoch, train_epochs
+from fedssl.client.local_data import local_images
+from fedssl.client.privacy import clip_update_mod
+from fedssl.client.secure import secure_rounds_mod
+from fedssl.client.state_store import Store, state_store
+from fedssl.client.transfer import transfer_mod
+from fedssl.common.config import RunConfig
+from fedssl.common.image_set import ImageSet
+from fedssl.common.device import select_device, set_threads
+from fedssl.common.global_updates import METRIC_PREFIX, Rule, rule_for
+from fedssl.common.methods import build_method
+from fedssl.common.records import from_record, to_record
+from fedssl.common.schedules import round_lr
+from fedssl.common.training import StepSettings, augmenter, steps_per_epoch, train_epochs
 
 log = logging.getLogger("fedssl")
 LOCAL_STATE_KEY = "fedssl-local"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import functools
 from typing import Mapping
 
-from common.config import RunConfig
-from common.datasets import DataError, ImageSet, load_images, training_images
-from common.partition import partition_indices
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import DataError, ImageSet, load_images, training_images
+from fedssl.common.partition import partition_indices
 
 
 @functools.lru_cache(maxsize=2)

@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from common.config import RunConfig
-from common.secure_update import SHARED_KEYS, summed_keys
+from fedssl.common.config import RunConfig
+from fedssl.common.secure_update import SHARED_KEYS, summed_keys
 
 TrainRound = Callable[[Mapping, ArrayRecord, Context], tuple[dict, MetricRecord]]
 

@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord, Context
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import atomic_write
-from common.records import from_record, to_record
+from fedssl.common.checkpoint import atomic_write
+from fedssl.common.records import from_record, to_record
 
 log = logging.getLogger("fedssl")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.records import encode_update, has_narrow, widen
+from fedssl.common.records import encode_update, has_narrow, widen
 
 
 def transfer_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from common.config import ConfigError, RunConfig
-from common.encoders import build_encoder
-from common.logs import get_logger
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.encoders import build_encoder
+from fedssl.common.logs import get_logger
 
 METADATA_KEY = "fedssl"
 # The Hugging Face/timm names of an exported encoder folder's files.

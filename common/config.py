@@ -61,27 +61,27 @@ def _weights_path(v: str) -> str | None:
 
 # The registries are read when a value is checked, not at import: they import torch.
 def _method_names():
-    from common.methods import METHODS
+    from fedssl.common.methods import METHODS
     return METHODS
 
 
 def _encoder_names():
-    from common.encoders import ENCODERS
+    from fedssl.common.encoders import ENCODERS
     return ENCODERS
 
 
 def _dataset_names():
-    from common.datasets import SOURCES
+    from fedssl.common.datasets import SOURCES
     return SOURCES
 
 
 def _transfer_dtypes():
-    from common.records import TRANSFER_DTYPES
+    from fedssl.common.records import TRANSFER_DTYPES
     return TRANSFER_DTYPES
 
 
 def _partition_names():
-    from common.partition import SCHEMES
+    from fedssl.common.partition import SCHEMES
     return SCHEMES
 
 

@@ -32,12 +32,12 @@ import logging
 import numpy as np
 import torch
 
-from common.eval_split import (carved_folder, folder_for_split, held_out_split, load_folder_eval_split,
+from fedssl.common.eval_split import (carved_folder, folder_for_split, held_out_split, load_folder_eval_split,
                                without_validation)
-from common.image_cache import load_folder
-from common.image_set import DataError, ImageSet
-from common.synthetic import SYNTHETIC_CLASSES, render_synthetic
-from common.torchvision_sources import load_torchvision
+from fedssl.common.image_cache import load_folder
+from fedssl.common.image_set import DataError, ImageSet
+from fedssl.common.synthetic import SYNTHETIC_CLASSES, render_synthetic
+from fedssl.common.torchvision_sources import load_torchvision
 
 logger = logging.getLogger("fedssl")
 

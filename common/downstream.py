@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from common.augment import AugmentConfig, TwoViewAugment
-from common.checkpoint import EXPORT_WEIGHTS, atomic_write, encoder_weights_path, load_encoder, read_metadata
-from common.datasets import DataError, ImageSet, load_eval_split
-from common.folders import load_folder_with_paths
-from common.device import autocast, select_device, set_threads
-from common.evaluation import embed, knn_top1, linear_probe
-from common.schedules import cosine
-from common.training import steps_per_epoch
+from fedssl.common.augment import AugmentConfig, TwoViewAugment
+from fedssl.common.checkpoint import EXPORT_WEIGHTS, atomic_write, encoder_weights_path, load_encoder, read_metadata
+from fedssl.common.datasets import DataError, ImageSet, load_eval_split
+from fedssl.common.folders import load_folder_with_paths
+from fedssl.common.device import autocast, select_device, set_threads
+from fedssl.common.evaluation import embed, knn_top1, linear_probe
+from fedssl.common.schedules import cosine
+from fedssl.common.training import steps_per_epoch
 
 EMBEDDING_FORMATS = (".npz", ".safetensors", ".npy", ".csv", ".parquet")
 PARQUET_HINT = "pip install pyarrow"

@@ -11,7 +11,7 @@ from torchvision import models
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
-from common.vit import describe_vit, vit_recipe, vit_tiny
+from fedssl.common.vit import describe_vit, vit_recipe, vit_tiny
 
 
 def resnet18(image_size: int) -> tuple[nn.Module, int]:

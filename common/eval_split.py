@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import ConfigError
-from common.folders import require_folder
-from common.image_cache import load_folder
-from common.image_set import DataError, ImageSet
+from fedssl.common.config import ConfigError
+from fedssl.common.folders import require_folder
+from fedssl.common.image_cache import load_folder
+from fedssl.common.image_set import DataError, ImageSet
 
 EVAL_TEST_FRACTION = 0.2  # held-out share of a labelled folder without train/ and test/
 VALIDATION_FRACTION = 0.1  # share of the training images the validation monitor queries

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.augment import normalize
-from common.device import autocast
+from fedssl.common.augment import normalize
+from fedssl.common.device import autocast
 
 __all__ = ["NonFiniteFeatures", "collapse_std", "embed", "knn_top1", "linear_probe", "nonfinite_rows"]
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common.image_set import DataError, ImageSet
+from fedssl.common.image_set import DataError, ImageSet
 
 logger = logging.getLogger("fedssl")
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.folders import (MAX_SKIPPED_LOGGED, decode_chunks, decode_folder, folder_classes, log_skipped,
+from fedssl.common.folders import (MAX_SKIPPED_LOGGED, decode_chunks, decode_folder, folder_classes, log_skipped,
                             require_decoded, require_images)
-from common.image_set import DataError, ImageRows, ImageSet, OpenFile
+from fedssl.common.image_set import DataError, ImageRows, ImageSet, OpenFile
 
 logger = logging.getLogger("fedssl")
 

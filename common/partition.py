@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.datasets import DataError
+from fedssl.common.datasets import DataError
 
 SCHEMES = ("iid", "dirichlet", "shards")
 DIRICHLET_MAX_TRIES = 100

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.image_cache import default_cache_dir
-from common.image_set import DataError, ImageSet
+from fedssl.common.image_cache import default_cache_dir
+from fedssl.common.image_set import DataError, ImageSet
 
 
 def load_torchvision(source: str, path: str, image_size: int, split: str, cache_dir: str | None) -> ImageSet:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common.augment import TwoViewAugment
-from common.config import RunConfig
-from common.device import autocast
-from common.methods import method_type
-from common.methods.base import SSLMethod
+from fedssl.common.augment import TwoViewAugment
+from fedssl.common.config import RunConfig
+from fedssl.common.device import autocast
+from fedssl.common.methods import method_type
+from fedssl.common.methods.base import SSLMethod
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from common.config import ATTACKS, RunConfig  # noqa: E402
-from simulations.sweep_report import t_interval  # noqa: E402
+from fedssl.common.config import ATTACKS, RunConfig  # noqa: E402
+from fedssl.simulations.sweep_report import t_interval  # noqa: E402
 
 RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
@@ -81,7 +81,7 @@ def run_cell(args, rule: str, attack: str, seed: int, start: Path) -> dict:
 
 
 def is_weight(key: str, value: np.ndarray) -> bool:
-    from client.privacy import is_statistic
+    from fedssl.client.privacy import is_statistic
     return value.dtype.kind == "f" and not is_statistic(key)
 
 
@@ -95,8 +95,8 @@ class HonestMean:
         self.weights: dict[int, float] = {}
 
     def __call__(self, msg, context):
-        from server.npy_view import as_numpy
-        from simulations import attacks
+        from fedssl.server.npy_view import as_numpy
+        from fedssl.simulations import attacks
 
         reply = attacks.app(msg, context)
         if reply.has_error() or attacks.is_attacker(self.cfg, context.node_config):
@@ -121,7 +121,7 @@ def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def influence(grid, honest: HonestMean, final: dict[str, np.ndarray], rounds: int) -> list[float]:
     """Each round's || aggregate - honest mean || / || honest mean - previous global ||. The
     global model before round r is what the server sent in round r (the grid keeps it)."""
-    from server.npy_view import as_numpy
+    from fedssl.server.npy_view import as_numpy
 
     sent = {int(m.content["config"]["server-round"]): m for m in grid.sent}
     globals_ = [as_numpy(sent[r].content["arrays"]) for r in range(1, rounds + 1)] + [final]
@@ -130,11 +130,11 @@ def influence(grid, honest: HonestMean, final: dict[str, np.ndarray], rounds: in
 
 
 def run(cfg: RunConfig, args) -> dict:
-    from simulations.inprocess_grid import InProcessGrid
-    from server.app import run_federation
-    from server.evaluation import NonFiniteModel
-    from server.resume import load_run_state
-    from simulations import attacks
+    from fedssl.simulations.inprocess_grid import InProcessGrid
+    from fedssl.server.app import run_federation
+    from fedssl.server.evaluation import NonFiniteModel
+    from fedssl.server.resume import load_run_state
+    from fedssl.simulations import attacks
 
     done = Path(cfg.out_dir) / "result.json"
     if done.is_file():

@@ -48,7 +48,7 @@ def run(name: str, command: str, flags: list[str], args) -> None:
     harness = ["--num-clients", str(args.num_clients)] if command == "simulate" else []
     argv = [command, *scale_flags(args), *harness, *flags, "--out", str(out)]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "simulations.cli", *argv], check=True)
+    subprocess.run([sys.executable, "-m", "fedssl.simulations.cli", *argv], check=True)
     print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 

@@ -16,13 +16,22 @@ start stay free of torch until a run or an encoder needs it."""
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
-from common.config import ConfigError
-from fedssl.run_config import parse_run_config, run_config
+# The project's layout keeps common/, client/, server/ and simulations/ beside this folder (a
+# checkout, an editable install, a Flower App bundle unpacked by a SuperNode); a wheel puts
+# them inside it. Either way they import as fedssl.common, ... : installing fedssl claims no
+# top-level name but `fedssl` (those four are common words other distributions use too).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if not os.path.isdir(os.path.join(_HERE, "common")):
+    __path__.append(os.path.dirname(_HERE))
+
+from fedssl.common.config import ConfigError  # noqa: E402 - needs the path above
+from fedssl.run_config import parse_run_config, run_config  # noqa: E402
 
 _LAZY = {"simulate": "fedssl.api", "centralized": "fedssl.api", "evaluate": "fedssl.api",
-         "embed": "fedssl.api", "load_encoder": "fedssl.api", "DataError": "common.datasets"}
+         "embed": "fedssl.api", "load_encoder": "fedssl.api", "DataError": "fedssl.common.datasets"}
 
 __all__ = ["ConfigError", "parse_run_config", "run_config", *_LAZY]
 

@@ -9,10 +9,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from common.config import RunConfig
-from common.downstream import embed_folder as embed
-from common.downstream import evaluate_encoder as evaluate
-from common.downstream import open_encoder
+from fedssl.common.config import RunConfig
+from fedssl.common.downstream import embed_folder as embed
+from fedssl.common.downstream import evaluate_encoder as evaluate
+from fedssl.common.downstream import open_encoder
 from fedssl.preflight import HARNESS_DEFAULTS, preflight, quiet_engines
 from fedssl.run_config import run_config
 
@@ -30,7 +30,7 @@ def simulate(config: RunConfig | Mapping[str, Any] | None = None, /, *,
     cfg = run_config(config, **keys)
     preflight(cfg, num_clients)
     quiet_engines(verbose)
-    from simulations.engine import simulate as run_on_engine
+    from fedssl.simulations.engine import simulate as run_on_engine
 
     return run_on_engine(cfg, num_clients=num_clients,
                          client_cpus=HARNESS_DEFAULTS["client-cpus"] if client_cpus is None else client_cpus,
@@ -42,7 +42,7 @@ def centralized(config: RunConfig | Mapping[str, Any] | None = None, /, **keys: 
     as the federated run would make); returns the summary (also OUT/summary.json)."""
     cfg = run_config(config, **keys)
     preflight(cfg, None)
-    from simulations.centralized import run_centralized
+    from fedssl.simulations.centralized import run_centralized
 
     return run_centralized(cfg)
 

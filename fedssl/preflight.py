@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig
+from fedssl.common.config import ConfigError, RunConfig
 
 # Settings of the simulation harness, not of the run (not sent to clients).
 HARNESS_DEFAULTS = {"num-clients": 20, "client-cpus": float(len(os.sched_getaffinity(0))),
@@ -14,17 +14,17 @@ HARNESS_DEFAULTS = {"num-clients": 20, "client-cpus": float(len(os.sched_getaffi
 
 
 def preflight(cfg: RunConfig, num_clients: int | None) -> None:
-    from common.checkpoint import load_init_weights
-    from common.datasets import load_eval_split, training_images
-    from common.methods import build_method
-    from common.partition import partition_indices
-    from server.evaluation import eval_source
-    from server.strategies import build_strategy
-    from server.tracking import check_installed
+    from fedssl.common.checkpoint import load_init_weights
+    from fedssl.common.datasets import load_eval_split, training_images
+    from fedssl.common.methods import build_method
+    from fedssl.common.partition import partition_indices
+    from fedssl.server.evaluation import eval_source
+    from fedssl.server.strategies import build_strategy
+    from fedssl.server.tracking import check_installed
 
     check_installed(cfg)
     if cfg.resume:
-        from server.app import resume_point
+        from fedssl.server.app import resume_point
         resume_point(cfg, Path(cfg.out_dir).expanduser())
     elif cfg.init_weights:
         load_init_weights(build_method(cfg), cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from common.config import ConfigError, RunConfig
+from fedssl.common.config import ConfigError, RunConfig
 
 
 def run_config(config: RunConfig | Mapping[str, Any] | None = None, /, **keys: Any) -> RunConfig:

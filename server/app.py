@@ -10,20 +10,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.checkpoint import load_init_weights
-from common.config import ConfigError, RunConfig
-from common.device import select_device, set_threads
-from common.logs import get_logger
-from common.methods import build_method, encoder_line
-from common.records import to_record
-from server.evaluation import GlobalEvaluator
-from server.nodes import wait_for_nodes
-from server.progress import Progress
-from server.resume import RunState, load_run_state, set_rng_state
-from server.round_record import RoundOffset
-from server.round_step import RoundRecorder
-from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
-from server.strategies import build_strategy
+from fedssl.common.checkpoint import load_init_weights
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.device import select_device, set_threads
+from fedssl.common.logs import get_logger
+from fedssl.common.methods import build_method, encoder_line
+from fedssl.common.records import to_record
+from fedssl.server.evaluation import GlobalEvaluator
+from fedssl.server.nodes import wait_for_nodes
+from fedssl.server.progress import Progress
+from fedssl.server.resume import RunState, load_run_state, set_rng_state
+from fedssl.server.round_record import RoundOffset
+from fedssl.server.round_step import RoundRecorder
+from fedssl.server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
+from fedssl.server.strategies import build_strategy
 
 log = get_logger()
 app = ServerApp()

@@ -47,12 +47,12 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
                                      DifferentialPrivacyClientSideFixedClipping)
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
-from common.augment import normalize
-from common.config import ConfigError, RunConfig
-from common.methods import build_method
-from server.accounting import epsilon_spent
-from server.round_record import RoundRecord
-from server.privacy_settings import refuse_per_update_settings
+from fedssl.common.augment import normalize
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.methods import build_method
+from fedssl.server.accounting import epsilon_spent
+from fedssl.server.round_record import RoundRecord
+from fedssl.server.privacy_settings import refuse_per_update_settings
 
 UNIT_WEIGHT = "dp-unit-weight"
 STATE_KEY = "dp"

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from common.config import RunConfig
-from common.datasets import ImageSet, load_eval_split, training_images
-from common.eval_split import evaluation_source, split_validation
-from common.evaluation import collapse_std, embed, knn_top1, linear_probe, nonfinite_rows
-from common.logs import get_logger
-from common.methods.base import SSLMethod
-from server.dp import batchnorm_statistics_from
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import ImageSet, load_eval_split, training_images
+from fedssl.common.eval_split import evaluation_source, split_validation
+from fedssl.common.evaluation import collapse_std, embed, knn_top1, linear_probe, nonfinite_rows
+from fedssl.common.logs import get_logger
+from fedssl.common.methods.base import SSLMethod
+from fedssl.server.dp import batchnorm_statistics_from
 
 log = get_logger()
 

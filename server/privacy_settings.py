@@ -1,7 +1,7 @@
 """The settings a privacy mode (DP, server/dp.py; SecAgg+, server/secure.py) rules out."""
 from __future__ import annotations
 
-from common.config import ConfigError, RunConfig
+from fedssl.common.config import ConfigError, RunConfig
 
 
 def refuse_per_update_settings(cfg: RunConfig, mode: str, *, norm_reason: str, dtype_reason: str) -> None:

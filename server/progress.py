@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.logs import end_status, get_logger, show_status, status_is_live
+from fedssl.common.logs import end_status, get_logger, show_status, status_is_live
 
 log = get_logger()
 

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from server.round_record import RoundRecord
+from fedssl.server.round_record import RoundRecord
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 

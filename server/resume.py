@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.checkpoint import load_weights, save_weights
+from fedssl.common.checkpoint import load_weights, save_weights
 
 # Shared-state keys are the method's parameter names, which never contain this.
 SERVER_STATE_PREFIX = "server-state/"

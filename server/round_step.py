@@ -8,15 +8,15 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from common.config import RunConfig
-from common.methods.base import SSLMethod
-from common.records import from_record
-from server.evaluation import GlobalEvaluator, stop_if_not_finite
-from server.progress import Progress
-from server.protocol import SSLStrategy
-from server.resume import RunState, rng_state, save_run_state
-from server.round_record import RoundOffset, RoundRecord
-from server.run_dir import RunDir, weights_metadata
+from fedssl.common.config import RunConfig
+from fedssl.common.methods.base import SSLMethod
+from fedssl.common.records import from_record
+from fedssl.server.evaluation import GlobalEvaluator, stop_if_not_finite
+from fedssl.server.progress import Progress
+from fedssl.server.protocol import SSLStrategy
+from fedssl.server.resume import RunState, rng_state, save_run_state
+from fedssl.server.round_record import RoundOffset, RoundRecord
+from fedssl.server.run_dir import RunDir, weights_metadata
 
 
 class RoundRecorder:

@@ -14,15 +14,15 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.config import RunConfig
-from common.global_updates import METRIC_PREFIX
-from common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
-from server.mean import WeightedMean
-from server.nodes import RegisteredOrder, registration_order, wait_for_nodes
-from server.round_record import RoundOffset, RoundRecord
-from server.npy_view import as_numpy
-from server.rule import KeepsServerState
-from server.validation import screen, spec_of
+from fedssl.common.config import RunConfig
+from fedssl.common.global_updates import METRIC_PREFIX
+from fedssl.common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
+from fedssl.server.mean import WeightedMean
+from fedssl.server.nodes import RegisteredOrder, registration_order, wait_for_nodes
+from fedssl.server.round_record import RoundOffset, RoundRecord
+from fedssl.server.npy_view import as_numpy
+from fedssl.server.rule import KeepsServerState
+from fedssl.server.validation import screen, spec_of
 
 log = logging.getLogger("fedssl")
 

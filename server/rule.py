@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
-from common.config import RunConfig
+from fedssl.common.config import RunConfig
 
 
 def _accepts_any(cfg: RunConfig) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from common.augment import MEAN, STD
-from common.checkpoint import EXPORT_WEIGHTS, atomic_write, export_folder
-from common.config import RunConfig
-from common.encoders import describe_encoder, torchvision_recipe
-from server.evaluation import eval_source
-from server.tracking import Tracking
+from fedssl.common.augment import MEAN, STD
+from fedssl.common.checkpoint import EXPORT_WEIGHTS, atomic_write, export_folder
+from fedssl.common.config import RunConfig
+from fedssl.common.encoders import describe_encoder, torchvision_recipe
+from fedssl.server.evaluation import eval_source
+from fedssl.server.tracking import Tracking
 
 ENCODER_DIR = "encoder"
 # The file earlier runs exported; the same bytes as encoder/model.safetensors, kept for the

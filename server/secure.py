@@ -23,11 +23,11 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common.config import ConfigError, RunConfig
-from common.secure_update import SHARED_KEYS, summed_keys
-from server.nodes import wait_for_nodes
-from server.round_record import RoundOffset, RoundRecord
-from server.privacy_settings import refuse_per_update_settings
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.secure_update import SHARED_KEYS, summed_keys
+from fedssl.server.nodes import wait_for_nodes
+from fedssl.server.round_record import RoundOffset, RoundRecord
+from fedssl.server.privacy_settings import refuse_per_update_settings
 
 log = logging.getLogger("fedssl")
 WEIGHT_KEY = "num-examples"

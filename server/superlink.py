@@ -60,7 +60,7 @@ def check(settings: SuperLinkSettings) -> None:
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
     check(settings)
     if settings.db_busy_timeout > 0:  # see server/superlink_launch.py
-        cmd = [sys.executable, "-m", "server.superlink_launch",
+        cmd = [sys.executable, "-m", "fedssl.server.superlink_launch",
                "--db-busy-timeout", f"{settings.db_busy_timeout:g}"]
     else:
         cmd = [executable("flower-superlink")]

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from common.config import ConfigError, RunConfig
-from common.logs import get_logger
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.logs import get_logger
 
 log = get_logger()
 

@@ -13,8 +13,8 @@ from typing import Iterable, Mapping
 import numpy as np
 from flwr.app import Message
 
-from server.mean import BlockWalker, WeightedMean
-from server.npy_view import as_numpy
+from fedssl.server.mean import BlockWalker, WeightedMean
+from fedssl.server.npy_view import as_numpy
 
 WEIGHT_KEY = "num-examples"
 # Every array key is named when few differ; a reason stays one readable line otherwise.

@@ -53,8 +53,8 @@ def _add_compute_flags(sub: argparse.ArgumentParser) -> None:
 
 def _fraction(text: str) -> float:
     """Checked before any image is decoded; argparse's own error would be two lines."""
-    from common.datasets import DataError
-    from common.downstream import check_fraction
+    from fedssl.common.datasets import DataError
+    from fedssl.common.downstream import check_fraction
 
     try:
         fraction = float(text)
@@ -64,7 +64,7 @@ def _fraction(text: str) -> float:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from common.downstream import evaluate_encoder
+    from fedssl.common.downstream import evaluate_encoder
 
     fraction = _fraction(args.labels_fraction) if args.labels_fraction is not None else None
     return evaluate_encoder(args.encoder, args.data_path, labels_fraction=fraction,
@@ -74,14 +74,14 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def embed_folder(args: argparse.Namespace) -> dict:
-    from common.downstream import embed_folder
+    from fedssl.common.downstream import embed_folder
 
     return embed_folder(args.encoder, args.images, args.out, device=args.device, threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.datasets import DataError
-    from simulations.plot import PlotError, plot
+    from fedssl.common.datasets import DataError
+    from fedssl.simulations.plot import PlotError, plot
 
     try:
         if args.command == "plot":

@@ -35,14 +35,14 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import app as honest_app
-from client.app import round_config, train_round
-from client.local_data import local_images
-from client.privacy import clip_update_mod
-from client.transfer import transfer_mod
-from common.config import ConfigError, RunConfig
-from common.image_set import ImageSet
-from common.records import from_record, to_record
+from fedssl.client.app import app as honest_app
+from fedssl.client.app import round_config, train_round
+from fedssl.client.local_data import local_images
+from fedssl.client.privacy import clip_update_mod
+from fedssl.client.transfer import transfer_mod
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.image_set import ImageSet
+from fedssl.common.records import from_record, to_record
 
 Update = dict[str, torch.Tensor]
 

@@ -7,17 +7,17 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import load_init_weights
-from common.config import RunConfig
-from common.datasets import ImageSet, training_images
-from common.device import select_device, set_threads
-from common.logs import get_logger
-from common.methods import build_method, encoder_line
-from common.schedules import round_lr
-from common.training import StepSettings, augmenter, train_epochs
-from server.evaluation import GlobalEvaluator
-from server.progress import Progress
-from server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
+from fedssl.common.checkpoint import load_init_weights
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import ImageSet, training_images
+from fedssl.common.device import select_device, set_threads
+from fedssl.common.logs import get_logger
+from fedssl.common.methods import build_method, encoder_line
+from fedssl.common.schedules import round_lr
+from fedssl.common.training import StepSettings, augmenter, train_epochs
+from fedssl.server.evaluation import GlobalEvaluator
+from fedssl.server.progress import Progress
+from fedssl.server.run_dir import RunDir, default_out_dir, summarize, weights_metadata
 
 log = get_logger()
 

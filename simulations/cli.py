@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import fedssl
-from common.config import ConfigError, RunConfig, defaults, key_help
+from fedssl.common.config import ConfigError, RunConfig, defaults, key_help
 from fedssl.preflight import HARNESS_DEFAULTS
 from fedssl.run_config import parse_run_config, run_config
-from simulations import analysis_cli, deploy_cli, sweep
+from fedssl.simulations import analysis_cli, deploy_cli, sweep
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Flags that are easier to type than their run-config keys.
@@ -97,7 +97,7 @@ def checkpoint_round(out_dir: str, since: float) -> int | None:
     try:
         if path.stat().st_mtime < since:
             return None
-        from common.checkpoint import read_metadata
+        from fedssl.common.checkpoint import read_metadata
         return int(read_metadata(path)["round"])
     except Exception:  # noqa: BLE001 - asked while exiting: no checkpoint is the safe answer
         return None
@@ -107,7 +107,7 @@ def interrupted_line(signum: int, args: argparse.Namespace, argv: list[str], cfg
                      started: float) -> str:
     """The one line an interrupted run prints: what the checkpoint holds and the command that
     continues it (the same line, plus --resume and, where it came from a default, --out)."""
-    prog = ["fedssl"] if Path(sys.argv[0]).name == "fedssl" else [sys.executable, "-m", "simulations.cli"]
+    prog = ["fedssl"] if Path(sys.argv[0]).name == "fedssl" else [sys.executable, "-m", "fedssl.simulations.cli"]
     again = [*prog, *argv] + ([] if getattr(args, "out-dir") else ["--out", cfg.out_dir])
     said = f"fedssl: interrupted by {signal.Signals(signum).name}"
     if args.command != "simulate":
@@ -177,13 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return analysis_cli.run(args)
     if args.command in sweep.COMMANDS:
         return sweep.run(args)
-    import common.checkpoint  # noqa: F401  read by the signal handler, which must not import
-    from common.datasets import DataError
+    import fedssl.common.checkpoint  # noqa: F401  read by the signal handler, which must not import
+    from fedssl.common.datasets import DataError
 
     try:
         cfg, harness = settings(args)
         if not cfg.out_dir and not cfg.resume:  # named now, so an interrupted run can say where
-            from server.run_dir import default_out_dir
+            from fedssl.server.run_dir import default_out_dir
             cfg = cfg.replace(out_dir=str(default_out_dir()))
         started = time.time()
         with interrupts_end_the_run(lambda signum: interrupted_line(signum, args, argv, cfg, started)):

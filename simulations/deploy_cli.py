@@ -83,10 +83,10 @@ def _exec(cmd: list[str], dry_run: bool, cwd: Path | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.supernode import ClientSetupError, SuperNodeSettings, supernode_command
-    from server.certs import CertError, make_certs, next_steps
-    from server.connection import ConnectionSetupError, add_connection
-    from server.superlink import ServerSetupError, SuperLinkSettings, prepare, superlink_command
+    from fedssl.client.supernode import ClientSetupError, SuperNodeSettings, supernode_command
+    from fedssl.server.certs import CertError, make_certs, next_steps
+    from fedssl.server.connection import ConnectionSetupError, add_connection
+    from fedssl.server.superlink import ServerSetupError, SuperLinkSettings, prepare, superlink_command
 
     try:
         if args.command == "certs":

@@ -18,9 +18,9 @@ from flwr.supercore.telemetry import EventType
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 
-from common.config import RunConfig
-from server.app import run_federation
-from simulations import attacks
+from fedssl.common.config import RunConfig
+from fedssl.server.app import run_federation
+from fedssl.simulations import attacks
 
 
 def backend_config(client_cpus: float, client_gpus: float, ray_address: str | None) -> dict:

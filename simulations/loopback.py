@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.synthetic import write_image_folder
-from server.certs import make_certs
+from fedssl.common.synthetic import write_image_folder
+from fedssl.server.certs import make_certs
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -178,7 +178,7 @@ class LoopbackDeployment:
                       insecure: bool | None = None, max_wait: float | None = None,
                       superlink: str | None = None):
         """`superlink`: another address than the SuperLink's own (a proxy in front of it)."""
-        from client.supernode import SuperNodeSettings
+        from fedssl.client.supernode import SuperNodeSettings
         insecure = self.insecure if insecure is None else insecure
         return SuperNodeSettings(
             superlink=superlink or self.address, data_path=Path(data_path), threads=threads,
@@ -190,7 +190,7 @@ class LoopbackDeployment:
                    **kwargs) -> subprocess.Popen:
         """Start `fedssl client`; `raw`: the flower-supernode command it would exec, without
         the wrapper's checks (a site whose folder vanished after start-up)."""
-        from client.supernode import supernode_command
+        from fedssl.client.supernode import supernode_command
         st = self.site_settings(site, data_path, **kwargs)
         if raw:
             return self.procs.start(name or site, supernode_command(st, check_data=False), self.env)

@@ -110,7 +110,7 @@ def plot(paths: list[Path], out: Path) -> dict[str, Any]:
 def plot_sweep(sweep_dir: Path, out: Path) -> Path:
     """Validation kNN top-1 per round of a sweep, a line per cell: the mean over its finished
     seeds, and where 2 or more seeds have the round, the 95% Student t-interval as a band."""
-    from simulations.sweep_report import ReportError, read_sweep, t_interval
+    from fedssl.simulations.sweep_report import ReportError, read_sweep, t_interval
 
     out = Path(out)
     if out.suffix.lower() != ".png":

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from common.config import ConfigError, RunConfig, config_keys
+from fedssl.common.config import ConfigError, RunConfig, config_keys
 from fedssl.preflight import HARNESS_DEFAULTS
 from fedssl.run_config import run_config
 
@@ -214,7 +214,7 @@ def _check_cell(cell: Cell, seed: int) -> None:
             raise SpecError(f"{where}: {key}={value!r} is invalid: must be a number "
                             f"{'> 0' if positive else '>= 0'}")
     if cell.command == "simulate":
-        from server.strategies import build_strategy
+        from fedssl.server.strategies import build_strategy
         try:
             build_strategy(cfg)
         except ConfigError as err:
@@ -226,13 +226,13 @@ def _check_cell(cell: Cell, seed: int) -> None:
 def final_round(cell: Cell, cfg: RunConfig) -> int:
     """The round (epoch for the centralized baseline) a finished run's last row holds."""
     if cell.command == "centralized":
-        from simulations.centralized import pooled_epochs
+        from fedssl.simulations.centralized import pooled_epochs
         return pooled_epochs(cfg)
     return cfg.num_rounds
 
 
 def _result_keys_differ(recorded: Mapping[str, Any], cfg: RunConfig) -> list[str]:
-    from server.app import RESUMABLE_CHANGES  # keys that do not change a run's results
+    from fedssl.server.app import RESUMABLE_CHANGES  # keys that do not change a run's results
 
     wanted = cfg.to_mapping()
     return sorted(k for k, v in recorded.items()
@@ -284,8 +284,8 @@ def partition_digest(cell: Cell, cfg: RunConfig) -> str:
     same seed gave every cell the baseline's partitions."""
     import numpy as np
 
-    from common.datasets import training_images
-    from common.partition import partition_indices
+    from fedssl.common.datasets import training_images
+    from fedssl.common.partition import partition_indices
 
     images = training_images(cfg.dataset, cfg.data_path, cfg.image_size, cfg.max_images, cfg.seed,
                              eval_path=cfg.eval_path, validation=cfg.monitor == "validation")
@@ -340,7 +340,7 @@ def plan(spec: Spec, out: Path) -> list[tuple[Cell, int, RunConfig, Path]]:
 def run_sweep(spec: Spec, out: str | Path, *, spec_path: str = "SPEC.toml", runner: Runner | None = None,
               say: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run every run not finished yet; return how many were run, skipped and failed."""
-    from common.checkpoint import atomic_write
+    from fedssl.common.checkpoint import atomic_write
 
     out = Path(out)
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -415,9 +415,9 @@ def interrupted_line(signum: int, args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.datasets import DataError
-    from simulations.plot import PlotError
-    from simulations.sweep_report import ReportError, write_report
+    from fedssl.common.datasets import DataError
+    from fedssl.simulations.plot import PlotError
+    from fedssl.simulations.sweep_report import ReportError, write_report
 
     try:
         if args.command == "sweep-report":
@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
             for cell, seed, cfg, folder in plan(spec, args.out):
                 print(f"{run_status(cell, cfg, folder):6s} {cell.name} seed {seed}: {folder}")
             return 0
-        from simulations.cli import interrupts_end_the_run
+        from fedssl.simulations.cli import interrupts_end_the_run
 
         with interrupts_end_the_run(lambda signum: interrupted_line(signum, args)):
             counts = run_sweep(spec, args.out, spec_path=str(args.spec),

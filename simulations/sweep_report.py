@@ -346,8 +346,8 @@ def csv_text(report: Mapping[str, Any]) -> str:
 
 def write_report(sweep_dir: str | Path) -> dict[str, Path]:
     """DIR/report.md, report.json, report.csv and curves.png; returns their paths."""
-    from common.checkpoint import atomic_write
-    from simulations.plot import plot_sweep
+    from fedssl.common.checkpoint import atomic_write
+    from fedssl.simulations.plot import plot_sweep
 
     sweep_dir = Path(sweep_dir)
     report = build_report(sweep_dir)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.synthetic import write_image_folder
+from fedssl.common.config import RunConfig
+from fedssl.common.synthetic import write_image_folder
 
 
 @pytest.fixture(autouse=True)

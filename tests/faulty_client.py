@@ -8,8 +8,8 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import app as real_app
-from common.records import from_record, to_record
+from fedssl.client.app import app as real_app
+from fedssl.common.records import from_record, to_record
 
 # partition id -> fault; every other partition behaves.
 FAULTS = {2: "raise", 3: "nan", 4: "shape", 5: "huge", 6: "extra", 7: "hang"}

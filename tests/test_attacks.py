@@ -14,18 +14,18 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.app import app as client_app, train_round
-from client.local_data import local_images
-from common.config import ATTACKS, ConfigError, RunConfig
-from common.methods import build_method
-from common.records import from_record, to_record
-from server.app import run_federation
-from server.resume import load_run_state
-from server.validation import screen, spec_of
-from server.npy_view import as_numpy
-from simulations import attacks
-from simulations.inprocess_grid import InProcessGrid
-from common.synthetic import write_image_folder
+from fedssl.client.app import app as client_app, train_round
+from fedssl.client.local_data import local_images
+from fedssl.common.config import ATTACKS, ConfigError, RunConfig
+from fedssl.common.methods import build_method
+from fedssl.common.records import from_record, to_record
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.server.validation import screen, spec_of
+from fedssl.server.npy_view import as_numpy
+from fedssl.simulations import attacks
+from fedssl.simulations.inprocess_grid import InProcessGrid
+from fedssl.common.synthetic import write_image_folder
 from conftest import fast_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_nothing_a_deployed_site_runs_can_reach_the_attacks():
     """A SuperNode runs the app's `clientapp` component; neither it nor anything in client/,
     common/ or server/ imports simulations/, where the attacks live."""
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
-    assert components["clientapp"] == "client.app:app"
+    assert components["clientapp"] == "fedssl.client.app:app"
     reaching = []
     for package in ("client", "common", "server"):
         for path in (ROOT / package).rglob("*.py"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from common.augment import (BRIGHTNESS, CONTRAST, MEAN, SATURATION, STD, AugmentConfig,
+from fedssl.common.augment import (BRIGHTNESS, CONTRAST, MEAN, SATURATION, STD, AugmentConfig,
                             TwoViewAugment, ViewRecipe, _draw_view_params, normalize)
 
 # Every random transform off, the crop covering the whole image: the identity.
@@ -325,9 +325,9 @@ class _RecordingAugment(TwoViewAugment):
 def test_training_on_cuda_makes_the_views_it_makes_on_cpu_for_a_seed():
     # train_epochs draws augmentation from a CPU generator: the seed fixes the views on
     # any device (a CUDA generator draws another stream).
-    from common.config import RunConfig
-    from common.methods import build_method
-    from common.training import StepSettings, train_epochs
+    from fedssl.common.config import RunConfig
+    from fedssl.common.methods import build_method
+    from fedssl.common.training import StepSettings, train_epochs
 
     images = _images(16)
     recorded = []

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.app import app as client_app
-from common.datasets import DataError, load_images
+from fedssl.client.app import app as client_app
+from fedssl.common.datasets import DataError, load_images
 from test_client import context, train_message
 from conftest import fast_config
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import app as client_app
-from common.checkpoint import load_encoder
-from common.config import RunConfig
-from common.datasets import load_eval_split
-from common.evaluation import embed
-from common.methods import build_method
-from server.app import run_federation
-from server.resume import load_run_state
-from server.strategies import build_strategy
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.checkpoint import load_encoder
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import load_eval_split
+from fedssl.common.evaluation import embed
+from fedssl.common.methods import build_method
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.server.strategies import build_strategy
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 # The run's real networks, small: a ResNet-10 at 16 px with BatchNorm in encoder and heads.

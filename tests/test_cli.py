@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from simulations.cli import main
+from fedssl.simulations.cli import main
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -40,14 +40,14 @@ def test_unlabelled_eval_folder_is_refused(tmp_path, image_folder, capsys):
 
 
 def test_console_script_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--method", "x"],
+    proc = subprocess.run([sys.executable, "-m", "fedssl.simulations.cli", "simulate", "--method", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "method='x' is invalid" in proc.stderr
 
 
 def test_bare_boolean_flags_mean_true_and_resume_needs_a_checkpoint(tmp_path, capsys):
-    from simulations.cli import parser, settings
+    from fedssl.simulations.cli import parser, settings
 
     cfg, _ = settings(parser().parse_args(["simulate", "--resume", "--probe", "false"]))
     assert cfg.resume is True and cfg.probe is False
@@ -57,7 +57,7 @@ def test_bare_boolean_flags_mean_true_and_resume_needs_a_checkpoint(tmp_path, ca
 
 
 def test_run_config_text_is_read_as_flwr_run_reads_it_and_flags_win():
-    from simulations.cli import parser, settings
+    from fedssl.simulations.cli import parser, settings
 
     cfg, harness = settings(parser().parse_args(
         ["simulate", "--run-config", 'num-rounds=7 method="simsiam" num-clients=4', "--rounds", "3"]))

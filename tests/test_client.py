@@ -6,11 +6,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.torch import load_file
 
-from client.app import LOCAL_STATE_KEY, app as client_app
-from common.datasets import DataError
-from common.methods import build_method
-from common.records import from_record, to_record
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import LOCAL_STATE_KEY, app as client_app
+from fedssl.common.datasets import DataError
+from fedssl.common.methods import build_method
+from fedssl.common.records import from_record, to_record
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config, tiny_config
 
 
@@ -128,11 +128,10 @@ def test_a_simulated_client_keeps_its_state_under_the_run_configs_state_dir(smal
 
 def test_the_rounds_of_one_run_reuse_the_built_method_and_another_model_builds_anew(
         small_image_folder, tmp_path, monkeypatch):
-    import client.app
-
-    builds, real = [], client.app.build_method
-    monkeypatch.setattr(client.app, "build_method", lambda cfg: builds.append(cfg) or real(cfg))
-    client.app.built_method.cache_clear()
+    from fedssl.client import app as client_module
+    builds, real = [], client_module.build_method
+    monkeypatch.setattr(client_module, "build_method", lambda cfg: builds.append(cfg) or real(cfg))
+    client_module.built_method.cache_clear()
     cfg = fast_config(small_image_folder, tmp_path)
     ctx = context({"partition-id": 0, "num-partitions": 2})
     for server_round in (1, 2):  # each round's config arrives as a new record

@@ -11,14 +11,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from torch import nn
 
-from client.app import app as client_app
-from common.config import RunConfig
-from common.global_updates import fedema, rule_for
-from common.methods import build_method
-from common.methods.base import SSLMethod
-from common.records import to_record
-from server.app import run_federation
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.config import RunConfig
+from fedssl.common.global_updates import fedema, rule_for
+from fedssl.common.methods import build_method
+from fedssl.common.methods.base import SSLMethod
+from fedssl.common.records import to_record
+from fedssl.server.app import run_federation
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 FEDEMA_NUMBERS = {"ema", "divergence", "mu", "previous-round"}
@@ -168,7 +168,7 @@ def test_a_run_with_client_sampling_records_both_branches(small_image_folder, tm
 def test_fedema_global_branch_rebuilds_byols_target_from_the_global_model(small_image_folder, tmp_path):
     # The authors' client resets its target to the global online encoder when it takes the
     # global model; after the EMA it keeps its own.
-    from client.app import LOCAL_STATE_KEY, restore_local_state
+    from fedssl.client.app import LOCAL_STATE_KEY, restore_local_state
 
     rule = rule_for("fedema")
     assert rule.resets_local_state({"ema": 0.0}) and not rule.resets_local_state({"ema": 1.0})

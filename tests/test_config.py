@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, defaults
+from fedssl.common.config import ConfigError, RunConfig, defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pyproject_run_config_matches_defaults():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["config"] == defaults()
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {"serverapp": "fedssl.server.app:app", "clientapp": "fedssl.client.app:app"}
 
 
 def test_from_mapping_coerces_text_and_keeps_defaults():
@@ -64,7 +64,7 @@ def test_each_key_declares_its_help_and_check_beside_it():
 
 
 def test_readme_table_of_keys_is_the_generated_one():
-    from common.config import keys_table
+    from fedssl.common.config import keys_table
 
     table = keys_table()
     section = (ROOT / "README.md").read_text().split("\n## Run-config keys\n", 1)[1].split("\n## ", 1)[0]
@@ -74,7 +74,7 @@ def test_readme_table_of_keys_is_the_generated_one():
 
 
 def test_cli_help_shows_what_each_flag_does_and_its_default():
-    from simulations.cli import parser
+    from fedssl.simulations.cli import parser
 
     for command in ("simulate", "centralized"):
         sub = parser()._subparsers._group_actions[0].choices[command]

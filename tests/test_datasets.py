@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image, features
 
-import common.datasets as ds
-import common.folders as folders
-import common.torchvision_sources as torchvision_sources
-from common.datasets import SOURCES, DataError, ImageSet, load_eval_split, load_images
+import fedssl.common.datasets as ds
+import fedssl.common.folders as folders
+import fedssl.common.torchvision_sources as torchvision_sources
+from fedssl.common.datasets import SOURCES, DataError, ImageSet, load_eval_split, load_images
 
 S = 16
 

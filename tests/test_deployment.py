@@ -13,16 +13,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from client.supernode import ClientSetupError, SuperNodeSettings, supernode_command
-from common.checkpoint import load_weights
-from common.config import RunConfig
-from common.methods import build_method
-from server.certs import CertError, make_certs
-from server.superlink import ServerSetupError, SuperLinkSettings, superlink_command
-from simulations.cli import main as fedssl
-from simulations.loopback import LoopbackDeployment
+from fedssl.client.supernode import ClientSetupError, SuperNodeSettings, supernode_command
+from fedssl.common.checkpoint import load_weights
+from fedssl.common.config import RunConfig
+from fedssl.common.methods import build_method
+from fedssl.server.certs import CertError, make_certs
+from fedssl.server.superlink import ServerSetupError, SuperLinkSettings, superlink_command
+from fedssl.simulations.cli import main as fedssl
+from fedssl.simulations.loopback import LoopbackDeployment
 
-from common.synthetic import write_image_folder
+from fedssl.common.synthetic import write_image_folder
 
 TINY = dict(batch_size=8, proj_dim=32, hidden_dim=64, knn_k=10, eval_bank_size=64,
             eval_query_size=32, probe=False, local_epochs=1, fraction_train=1.0)
@@ -78,7 +78,7 @@ def test_server_command_is_tls_with_auth_unless_insecure(tmp_path):
         assert flag in cmd
     assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
     assert "--insecure" not in cmd
-    assert cmd[1:5] == ["-m", "server.superlink_launch", "--db-busy-timeout", "60"]
+    assert cmd[1:5] == ["-m", "fedssl.server.superlink_launch", "--db-busy-timeout", "60"]
     exact = superlink_command(SuperLinkSettings(workdir=tmp_path, certs=certs, db_busy_timeout=0))
     assert Path(exact[0]).name == "flower-superlink" and exact[1:] == cmd[5:]
     with pytest.raises(ServerSetupError, match="--insecure"):
@@ -112,8 +112,8 @@ def test_client_command_checks_and_node_config(tmp_path):
     kept = supernode_command(SuperNodeSettings(superlink="srv:8000", data_path=images, insecure=True,
                                                state_dir=tmp_path / "state"))
     assert kept[kept.index("--node-config") + 1].endswith(f' state-dir="{tmp_path / "state"}"')
-    from client import supernode
-    from common import folders
+    from fedssl.client import supernode
+    from fedssl.common import folders
     assert supernode.IMAGE_EXTENSIONS == folders.IMAGE_EXTENSIONS
 
 
@@ -253,7 +253,7 @@ def test_a_plaintext_site_cannot_talk_to_the_tls_server(deployment, image_folder
 
 
 def test_processes_are_stopped_also_on_failure(tmp_path):
-    from simulations.loopback import Processes
+    from fedssl.simulations.loopback import Processes
     procs = Processes(tmp_path)
     sleeper = procs.start("sleeper", ["sleep", "300"], env={"PATH": "/usr/bin:/bin"})
     try:

@@ -18,13 +18,13 @@ from typing import Callable
 
 import pytest
 
-from common.checkpoint import load_weights
-from common.config import RunConfig
-from common.methods import build_method
-from simulations.loopback import BIN, PROJECT, LoopbackDeployment, _detached_children, wait_for_port
+from fedssl.common.checkpoint import load_weights
+from fedssl.common.config import RunConfig
+from fedssl.common.methods import build_method
+from fedssl.simulations.loopback import BIN, PROJECT, LoopbackDeployment, _detached_children, wait_for_port
 
-from common.synthetic import write_image_folder
-from simulations.tcp_proxy import FaultyLink, Link
+from fedssl.common.synthetic import write_image_folder
+from fedssl.simulations.tcp_proxy import FaultyLink, Link
 from test_deployment import run_config
 
 WORKLOAD = dict(batch_size=4, proj_dim=32, hidden_dim=64, knn_k=5, eval_bank_size=16,
@@ -158,10 +158,10 @@ def test_the_superlinks_answer_for_a_lost_site_is_recorded_once_under_the_sites_
     "no reply within round-timeout" for the site."""
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-    from client.app import app as client_app
+    from fedssl.client.app import app as client_app
     from conftest import fast_config
-    from simulations.inprocess_grid import InProcessGrid
-    from server.app import run_federation
+    from fedssl.simulations.inprocess_grid import InProcessGrid
+    from fedssl.server.app import run_federation
 
     class LosesALink(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
@@ -184,7 +184,7 @@ def test_stopping_a_site_killed_earlier_spares_the_process_that_reused_its_pid(t
     """The test above kills site1 minutes before the deployment is stopped; by then this
     machine may have given its pid to another session's leader (a SuperLink of another
     run), which the clean-up must not signal."""
-    from simulations.loopback import Processes
+    from fedssl.simulations.loopback import Processes
 
     procs = Processes(tmp_path)
     victim = procs.start("site1", ["sleep", "300"], env={"PATH": "/usr/bin:/bin"})
@@ -301,7 +301,7 @@ def test_a_repeated_object_push_is_stored(monkeypatch, tmp_path):
     from flwr.supercore.corestate.sql_corestate import SqlCoreState
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
 
-    from server.superlink_launch import idempotent_object_push
+    from fedssl.server.superlink_launch import idempotent_object_push
 
     for cls in (SqlCoreState, InMemoryCoreState):
         monkeypatch.setattr(cls, "store_object", cls.store_object)  # put back after the test

@@ -11,11 +11,11 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 
-from client.app import app as client_app
-from server.app import run_federation
-from server.nodes import RegisteredOrder, registration_order
-from server.resume import load_run_state
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.server.app import run_federation
+from fedssl.server.nodes import RegisteredOrder, registration_order
+from fedssl.server.resume import load_run_state
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 

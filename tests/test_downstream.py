@@ -14,19 +14,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common.checkpoint import load_encoder
-from common.config import RunConfig
-from common.datasets import load_eval_split
-from common.downstream import finetune, labelled_fraction
-from common.datasets import load_images
-from common.device import set_threads
-from common.evaluation import embed
-from common.methods import build_method
-from common.synthetic import SYNTHETIC_CLASSES, render_synthetic
-from common.training import StepSettings, augmenter, train_epochs
-from server.run_dir import RunDir, summarize, weights_metadata
-from simulations.cli import main
-from common.synthetic import write_image_folder
+from fedssl.common.checkpoint import load_encoder
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import load_eval_split
+from fedssl.common.downstream import finetune, labelled_fraction
+from fedssl.common.datasets import load_images
+from fedssl.common.device import set_threads
+from fedssl.common.evaluation import embed
+from fedssl.common.methods import build_method
+from fedssl.common.synthetic import SYNTHETIC_CLASSES, render_synthetic
+from fedssl.common.training import StepSettings, augmenter, train_epochs
+from fedssl.server.run_dir import RunDir, summarize, weights_metadata
+from fedssl.simulations.cli import main
+from fedssl.common.synthetic import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32

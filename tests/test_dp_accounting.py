@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from server.accounting import EXACT, RDP, epsilon_spent, exact_epsilon, gaussian_delta, rdp_epsilon
+from fedssl.server.accounting import EXACT, RDP, epsilon_spent, exact_epsilon, gaussian_delta, rdp_epsilon
 
 DELTA = 1e-5
 

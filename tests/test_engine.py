@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import load_encoder, load_weights
-from common.config import RunConfig
-from common.methods import build_method
+from fedssl.common.checkpoint import load_encoder, load_weights
+from fedssl.common.config import RunConfig
+from fedssl.common.methods import build_method
 
 pytestmark = pytest.mark.engine
 
@@ -26,7 +26,7 @@ def test_fedssl_simulate_three_clients_two_rounds(image_folder, tmp_path):
             "--eval-path", str(image_folder), "--num-clients", "3", "--client-cpus", "1",
             "--rounds", "2", "--fraction", "1", "--batch-size", "8", "--proj-dim", "32", "--hidden-dim", "64",
             "--knn-k", "10", "--partition", "dirichlet", "--alpha", "1.0", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", *args],
+    proc = subprocess.run([sys.executable, "-m", "fedssl.simulations.cli", "simulate", *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 2/2" in proc.stderr  # the progress line per round
@@ -83,7 +83,7 @@ def test_fedssl_simulate_runs_its_clients_on_an_existing_ray_cluster(image_folde
             "--eval-path", str(image_folder), "--num-clients", "2", "--client-cpus", "1", "--rounds", "1",
             "--fraction", "1", "--batch-size", "8", "--proj-dim", "32", "--hidden-dim", "64",
             "--knn-k", "10", "--probe", "false", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", *args],
+    proc = subprocess.run([sys.executable, "-m", "fedssl.simulations.cli", "simulate", *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from common.augment import normalize
-from common.device import autocast
-from common.evaluation import collapse_std, embed, knn_top1, linear_probe
+from fedssl.common.augment import normalize
+from fedssl.common.device import autocast
+from fedssl.common.evaluation import collapse_std, embed, knn_top1, linear_probe
 
 
 def _clusters(n: int, num_classes: int, dim: int, noise: float, seed: int):
@@ -187,8 +187,8 @@ def _first_batchnorm(module: torch.nn.Module) -> torch.nn.modules.batchnorm._Bat
 
 def test_the_server_marks_a_model_with_a_negative_running_variance_and_stops(
         small_image_folder, tmp_path, fedssl_log):
-    from common.methods import build_method
-    from server.evaluation import GlobalEvaluator
+    from fedssl.common.methods import build_method
+    from fedssl.server.evaluation import GlobalEvaluator
     from conftest import fast_config
 
     cfg = fast_config(small_image_folder, tmp_path / "run")
@@ -205,7 +205,7 @@ def test_the_server_marks_a_model_with_a_negative_running_variance_and_stops(
     assert scores["knn_top1"] is None and scores["collapse_std"] is None and scores["probe_top1"] is None
     assert scores["nonfinite"]["bank"] == len(evaluator.bank)  # every image's feature is NaN
 
-    from server.evaluation import stop_if_not_finite
+    from fedssl.server.evaluation import stop_if_not_finite
     stop_if_not_finite(healthy, 3)  # a finite model goes on
     with pytest.raises(RuntimeError, match="round 3: .*non-finite"):
         stop_if_not_finite(scores, 3)
@@ -218,9 +218,9 @@ def test_a_run_whose_global_model_turns_non_finite_records_the_round_and_stops(
 
     from flwr.app import Array, ArrayRecord
 
-    from client.app import app as client_app
-    from server.app import run_federation
-    from simulations.inprocess_grid import InProcessGrid
+    from fedssl.client.app import app as client_app
+    from fedssl.server.app import run_federation
+    from fedssl.simulations.inprocess_grid import InProcessGrid
     from conftest import fast_config
 
     def negative_variances(msg, context):

@@ -12,18 +12,18 @@ import torch
 from safetensors import safe_open
 
 import fedssl
-from client.app import app as client_app
-from common.augment import MEAN, STD
-from common.checkpoint import load_weights
-from common.config import RunConfig
-from common.datasets import load_images
-from common.evaluation import embed
-from common.methods import build_method
-from server.app import run_federation
-from server.evaluation import GlobalEvaluator
-from server.run_dir import RunDir, summarize, weights_metadata
-from simulations.centralized import run_centralized
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.augment import MEAN, STD
+from fedssl.common.checkpoint import load_weights
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import load_images
+from fedssl.common.evaluation import embed
+from fedssl.common.methods import build_method
+from fedssl.server.app import run_federation
+from fedssl.server.evaluation import GlobalEvaluator
+from fedssl.server.run_dir import RunDir, summarize, weights_metadata
+from fedssl.simulations.centralized import run_centralized
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 DESCRIPTION = "Shapes drawn by the test suite: 4 classes, 24 PNGs each."

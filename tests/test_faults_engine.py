@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import load_weights
+from fedssl.common.checkpoint import load_weights
 from conftest import fast_config
 from faulty_client import FAULTS, REASONS
 
@@ -21,9 +21,9 @@ TESTS = Path(__file__).resolve().parent
 
 RUN = """
 import json, sys
-from common.config import RunConfig
+from fedssl.common.config import RunConfig
 from faulty_client import app
-from simulations.engine import simulate
+from fedssl.simulations.engine import simulate
 cfg = RunConfig.from_mapping(json.loads(sys.argv[1]))
 simulate(cfg, num_clients=int(sys.argv[2]), client_cpus=1.0, client=app)
 """

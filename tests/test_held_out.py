@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.local_data import local_images
-from common.config import ConfigError
-from common.datasets import load_eval_split, load_images
-from common.synthetic import write_image_folder
+from fedssl.client.local_data import local_images
+from fedssl.common.config import ConfigError
+from fedssl.common.datasets import load_eval_split, load_images
+from fedssl.common.synthetic import write_image_folder
 from conftest import fast_config
-from server.evaluation import GlobalEvaluator, eval_source
+from fedssl.server.evaluation import GlobalEvaluator, eval_source
 
 CLIENTS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_no_query_of_the_synthetic_source_is_trained_on(tmp_path):
 
 
 def test_centralized_pools_what_the_clients_train_on(image_folder, tmp_path):
-    from simulations.centralized import pooled_images
+    from fedssl.simulations.centralized import pooled_images
 
     cfg = fast_config(image_folder, tmp_path)
     pooled = rows(pooled_images(cfg))

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import common.folders as folders
-import common.image_set as image_set
-from common.config import RunConfig
-from common.datasets import DataError, load_images
-from common.folders import load_folder_with_paths
-from common.methods import build_method
-from common.training import StepSettings, augmenter, train_epochs
-from client.local_data import local_images
+import fedssl.common.folders as folders
+import fedssl.common.image_set as image_set
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import DataError, load_images
+from fedssl.common.folders import load_folder_with_paths
+from fedssl.common.methods import build_method
+from fedssl.common.training import StepSettings, augmenter, train_epochs
+from fedssl.client.local_data import local_images
 
 S = 16
 

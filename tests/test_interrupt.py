@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint import read_metadata
+from fedssl.common.checkpoint import read_metadata
 from test_resume import rows
 
 pytestmark = pytest.mark.engine
@@ -30,7 +30,7 @@ def _simulate(folder, out) -> list[str]:
             "--rounds", str(ROUNDS), "--image-size", "16", "--batch-size", "4", "--proj-dim", "32",
             "--hidden-dim", "64", "--knn-k", "5", "--probe", "false", "--threads", "1",
             "--out", str(out)]
-    return [sys.executable, "-m", "simulations.cli", "simulate", *args]
+    return [sys.executable, "-m", "fedssl.simulations.cli", "simulate", *args]
 
 
 def _completed_rounds(out: Path) -> int:

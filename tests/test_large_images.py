@@ -13,14 +13,14 @@ import torch
 from PIL import Image, ImageDraw
 
 import fedssl
-from client.app import app as client_app
-from common.augment import normalize
-from common.encoders import build_encoder, describe_encoder
-from common.evaluation import embed
-from common.folders import load_folder_with_paths
-from server.app import run_federation
+from fedssl.client.app import app as client_app
+from fedssl.common.augment import normalize
+from fedssl.common.encoders import build_encoder, describe_encoder
+from fedssl.common.evaluation import embed
+from fedssl.common.folders import load_folder_with_paths
+from fedssl.server.app import run_federation
 from conftest import fast_config
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.simulations.inprocess_grid import InProcessGrid
 
 SHAPES = ("disc", "square", "bars", "ring")
 

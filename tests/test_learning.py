@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.datasets import load_eval_split, load_images
-from common.device import set_threads
-from common.evaluation import embed, knn_top1
-from common.methods import build_method
-from common.training import StepSettings, augmenter, train_epochs
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import load_eval_split, load_images
+from fedssl.common.device import set_threads
+from fedssl.common.evaluation import embed, knn_top1
+from fedssl.common.methods import build_method
+from fedssl.common.training import StepSettings, augmenter, train_epochs
 from conftest import cifar10_path
 
 # Two points is about two standard errors of a 2,000-query kNN estimate; a pipeline that does

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from common.augment import MEAN, STD, TwoViewAugment, normalize
-from common.config import RunConfig
-from common.ema import ema_
-from common.methods import METHODS, build_method
-from common.methods.byol import BYOL, byol_loss
-from common.methods.simsiam import simsiam_loss
-from common.schedules import byol_tau, cosine
-from common.training import augmenter, param_groups
+from fedssl.common.augment import MEAN, STD, TwoViewAugment, normalize
+from fedssl.common.config import RunConfig
+from fedssl.common.ema import ema_
+from fedssl.common.methods import METHODS, build_method
+from fedssl.common.methods.byol import BYOL, byol_loss
+from fedssl.common.methods.simsiam import simsiam_loss
+from fedssl.common.schedules import byol_tau, cosine
+from fedssl.common.training import augmenter, param_groups
 
 
 def small(method: str) -> RunConfig:

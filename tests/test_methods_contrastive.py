@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.augment import AugmentConfig, TwoViewAugment
-from common.config import ConfigError, RunConfig
-from common.methods import build_method
-from common.methods.base import HeadSizes
-from common.methods.mocov2 import MoCoV2, moco_loss
-from common.methods.simclr import SimCLR, nt_xent
-from common.records import from_record, to_record
-from common.training import StepSettings, train_epochs
+from fedssl.common.augment import AugmentConfig, TwoViewAugment
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.methods import build_method
+from fedssl.common.methods.base import HeadSizes
+from fedssl.common.methods.mocov2 import MoCoV2, moco_loss
+from fedssl.common.methods.simclr import SimCLR, nt_xent
+from fedssl.common.records import from_record, to_record
+from fedssl.common.training import StepSettings, train_epochs
 
 E = torch.eye(4)
 

@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from client.app import app as client_app
-from common.config import RunConfig
-from common.datasets import load_images
-from common.methods import METHODS, build_method
-from common.methods.barlowtwins import LAMBDA_OFFDIAG, BarlowTwins, barlow_twins_loss
-from common.methods.byol import BYOL
-from common.methods.vicreg import VICReg, covariance_term, variance_term, vicreg_loss
-from common.training import StepSettings, augmenter, train_epochs
-from server.app import run_federation
-from server.resume import load_run_state
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.config import RunConfig
+from fedssl.common.datasets import load_images
+from fedssl.common.methods import METHODS, build_method
+from fedssl.common.methods.barlowtwins import LAMBDA_OFFDIAG, BarlowTwins, barlow_twins_loss
+from fedssl.common.methods.byol import BYOL
+from fedssl.common.methods.vicreg import VICReg, covariance_term, variance_term, vicreg_loss
+from fedssl.common.training import StepSettings, augmenter, train_epochs
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 NAMES = ["vicreg", "barlowtwins"]

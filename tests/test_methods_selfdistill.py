@@ -8,20 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.app import LOCAL_STATE_KEY
-from client.app import app as client_app
-from common.config import ConfigError, RunConfig
-from common.heads import NormalizedLinear, dino_head
-from common.methods import METHODS, build_method
-from common.methods.byol import BYOL
-from common.methods.dino import DINO, dino_loss, updated_center
-from common.methods.swav import SwAV, sinkhorn, swav_loss
-from common.records import from_record
-from common.schedules import cosine
-from common.training import augmenter, param_groups
-from server.app import run_federation
-from server.resume import load_run_state
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import LOCAL_STATE_KEY
+from fedssl.client.app import app as client_app
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.heads import NormalizedLinear, dino_head
+from fedssl.common.methods import METHODS, build_method
+from fedssl.common.methods.byol import BYOL
+from fedssl.common.methods.dino import DINO, dino_loss, updated_center
+from fedssl.common.methods.swav import SwAV, sinkhorn, swav_loss
+from fedssl.common.records import from_record
+from fedssl.common.schedules import cosine
+from fedssl.common.training import augmenter, param_groups
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 SHAPES = [(2, 8), (16, 64), (64, 4096)]

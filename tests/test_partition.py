@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from common.datasets import DataError
-from common.partition import SCHEMES, partition_indices
+from fedssl.common.datasets import DataError
+from fedssl.common.partition import SCHEMES, partition_indices
 
 NUM_CLASSES = 10
 LABELS = np.repeat(np.arange(NUM_CLASSES), 100)  # 1,000 samples, 100 per class

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from common.config import RunConfig
-from simulations.cli import main
-from simulations.plot import run_label
+from fedssl.common.config import RunConfig
+from fedssl.simulations.cli import main
+from fedssl.simulations.plot import run_label
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -13,21 +13,21 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.app import app as client_app
-from client.secure import SecureRoundClient
-from common.checkpoint import load_encoder
-from common.config import ConfigError, RunConfig
-from common.methods import build_method
-from common.evaluation import embed
-from common.records import to_record
-from server.accounting import exact_epsilon
-from server.app import run_federation
-from server.dp import batchnorm_statistics_from
-from server.resume import load_run_state
-from server.secure import SecureRounds
-from server.strategies import build_strategy
-from simulations.inprocess_grid import InProcessGrid
-from common.synthetic import write_image_folder
+from fedssl.client.app import app as client_app
+from fedssl.client.secure import SecureRoundClient
+from fedssl.common.checkpoint import load_encoder
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.methods import build_method
+from fedssl.common.evaluation import embed
+from fedssl.common.records import to_record
+from fedssl.server.accounting import exact_epsilon
+from fedssl.server.app import run_federation
+from fedssl.server.dp import batchnorm_statistics_from
+from fedssl.server.resume import load_run_state
+from fedssl.server.secure import SecureRounds
+from fedssl.server.strategies import build_strategy
+from fedssl.simulations.inprocess_grid import InProcessGrid
+from fedssl.common.synthetic import write_image_folder
 from conftest import fast_config
 
 DP = dict(max_update_norm_ratio=0.0, amp=False)

@@ -18,7 +18,7 @@ def test_fedssl_simulate_with_secure_aggregation(small_image_folder, tmp_path):
             "--eval-path", str(small_image_folder), "--num-clients", "3", "--client-cpus", "1",
             "--rounds", "1", "--fraction", "1", "--batch-size", "4", "--image-size", "16", "--proj-dim", "32",
             "--hidden-dim", "64", "--knn-k", "5", "--probe", "false", "--threads", "1", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", *args],
+    proc = subprocess.run([sys.executable, "-m", "fedssl.simulations.cli", "simulate", *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

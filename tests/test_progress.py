@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from common.logs import get_logger
-from server.progress import Progress, progress_line
+from fedssl.common.logs import get_logger
+from fedssl.server.progress import Progress, progress_line
 
 
 class Terminal(io.StringIO):

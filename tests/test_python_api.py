@@ -15,18 +15,18 @@ import torchvision
 from torch import nn
 
 import fedssl
-from client.app import app as client_app
-from common.augment import normalize
-from common.checkpoint import load_init_weights, save_weights
-from common.config import ConfigError, RunConfig
-from common.datasets import DataError, load_images
-from common.methods import build_method
-from common.records import from_record
-from server.app import run_federation
-from server.evaluation import GlobalEvaluator
-from server.run_dir import RunDir, summarize, weights_metadata
-from simulations.cli import main
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.augment import normalize
+from fedssl.common.checkpoint import load_init_weights, save_weights
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.datasets import DataError, load_images
+from fedssl.common.methods import build_method
+from fedssl.common.records import from_record
+from fedssl.server.app import run_federation
+from fedssl.server.evaluation import GlobalEvaluator
+from fedssl.server.run_dir import RunDir, summarize, weights_metadata
+from fedssl.simulations.cli import main
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 

@@ -7,11 +7,11 @@ import json
 import pytest
 from flwr.app import Context, Message
 
-from client.app import app as client_app
-from common.config import ConfigError
-from server.app import run_federation
-from server.resume import load_run_state
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.config import ConfigError
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 # Wall-clock measurements; everything else in a row must repeat exactly.
@@ -69,7 +69,7 @@ def test_rng_and_server_state_survive_the_checkpoint_file(tmp_path):
     import numpy as np
     import torch
 
-    from server.resume import RunState, rng_state, save_run_state, set_rng_state
+    from fedssl.server.resume import RunState, rng_state, save_run_state, set_rng_state
 
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     saved = rng_state()
@@ -92,9 +92,9 @@ def test_a_strategy_declares_its_server_state_and_gets_it_back():
     import numpy as np
     from flwr.serverapp.strategy import FedAdam, FedAvg
 
-    from common.config import RunConfig
-    from server.rounds import SSLRounds
-    from server.rule import KeepsServerState
+    from fedssl.common.config import RunConfig
+    from fedssl.server.rounds import SSLRounds
+    from fedssl.server.rule import KeepsServerState
 
     class FedAdamWithState(KeepsServerState, FedAdam):
         server_state_attrs = ("current_arrays", "m_t", "v_t")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from server.resume import load_run_state
+from fedssl.server.resume import load_run_state
 from test_resume import rows
 
 pytestmark = pytest.mark.engine
@@ -25,7 +25,7 @@ def _simulate(folder, out, *extra: str) -> list[str]:
             "--rounds", "3", "--image-size", "16", "--batch-size", "4", "--proj-dim", "32",
             "--hidden-dim", "64", "--knn-k", "5", "--probe", "false", "--threads", "1",
             "--out", str(out)]
-    return [sys.executable, "-m", "simulations.cli", "simulate", *args, *extra]
+    return [sys.executable, "-m", "fedssl.simulations.cli", "simulate", *args, *extra]
 
 
 def _completed_rounds(out) -> int:

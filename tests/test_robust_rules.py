@@ -11,13 +11,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import app as client_app
-from common.config import ConfigError, RunConfig
-from common.methods import build_method
-from server.app import run_federation
-from server.resume import load_run_state
-from server.strategies import build_strategy
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.methods import build_method
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.server.strategies import build_strategy
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 RULES = ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
@@ -99,7 +99,7 @@ def test_krum_distances_leave_step_counters_out():
     """Counters hundreds apart would decide Flower's Krum: by them the hostile reply, in the
     middle of the counters, is the most central; by the weights it is the farthest."""
     from flwr.serverapp.strategy.multikrum import select_multikrum
-    from server.strategies.robust import select_by_float_distances
+    from fedssl.server.strategies.robust import select_by_float_distances
 
     hostile, _ = ATTACKS["sign-flip"]
     replies = honest_replies()[:3] + [(hostile, 50)] + honest_replies()[3:]

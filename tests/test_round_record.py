@@ -11,21 +11,21 @@ from dataclasses import replace
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
-from client.app import app as client_app
-from common.methods import build_method
-from common.records import to_record
-from server.dp import PrivateRounds
-from server.evaluation import GlobalEvaluator
-from server.progress import Progress
-from server.protocol import SSLStrategy
-from server.resume import load_run_state
-from server.round_record import RoundOffset, RoundRecord
-from server.round_step import RoundRecorder
-from server.rounds import SSLRounds
-from server.run_dir import RunDir
-from server.secure import SecureRounds
-from server.strategies import build_strategy
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.methods import build_method
+from fedssl.common.records import to_record
+from fedssl.server.dp import PrivateRounds
+from fedssl.server.evaluation import GlobalEvaluator
+from fedssl.server.progress import Progress
+from fedssl.server.protocol import SSLStrategy
+from fedssl.server.resume import load_run_state
+from fedssl.server.round_record import RoundOffset, RoundRecord
+from fedssl.server.round_step import RoundRecorder
+from fedssl.server.rounds import SSLRounds
+from fedssl.server.run_dir import RunDir
+from fedssl.server.secure import SecureRounds
+from fedssl.server.strategies import build_strategy
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 PRIVACY = dict(max_update_norm_ratio=0.0, amp=False)

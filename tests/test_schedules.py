@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 
-import client.app
-import simulations.centralized
-from client.app import app as client_app
-from common.schedules import cosine, round_lr
-from common.training import StepSettings
-from server.app import run_federation
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client import app as client_module
+from fedssl.simulations import centralized
+from fedssl.client.app import app as client_app
+from fedssl.common.schedules import cosine, round_lr
+from fedssl.common.training import StepSettings
+from fedssl.server.app import run_federation
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 
@@ -49,7 +49,7 @@ def _recording_rates(monkeypatch, module) -> list[float]:
 
 def test_the_run_config_travels_unchanged_and_each_client_trains_at_its_rounds_rate(
         small_image_folder, tmp_path, monkeypatch):
-    rates = _recording_rates(monkeypatch, client.app)
+    rates = _recording_rates(monkeypatch, client_module)
     cfg = fast_config(small_image_folder, tmp_path / "run", num_rounds=3, lr=0.08)
     grid = InProcessGrid(client_app, num_nodes=2)
     run_federation(grid, cfg)
@@ -66,8 +66,8 @@ def test_the_run_config_travels_unchanged_and_each_client_trains_at_its_rounds_r
 
 
 def test_the_centralized_baseline_reads_an_epoch_as_a_round(small_image_folder, tmp_path, monkeypatch):
-    rates = _recording_rates(monkeypatch, simulations.centralized)
+    rates = _recording_rates(monkeypatch, centralized)
     cfg = fast_config(small_image_folder, tmp_path / "run", num_rounds=3, fraction_train=1.0, lr=0.08)
-    simulations.centralized.run_centralized(cfg)
-    epochs = simulations.centralized.pooled_epochs(cfg)
+    centralized.run_centralized(cfg)
+    epochs = centralized.pooled_epochs(cfg)
     assert epochs == 3 and rates == [round_lr(e, epochs, 0.08) for e in range(1, epochs + 1)]

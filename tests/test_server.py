@@ -7,13 +7,13 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
-from client.app import app as client_app
-from common.checkpoint import load_encoder, load_weights
-from common.config import ConfigError
-from common.methods import build_method
-from server.app import run_federation, wait_for_nodes
-from server.strategies import build_strategy
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.checkpoint import load_encoder, load_weights
+from fedssl.common.config import ConfigError
+from fedssl.common.methods import build_method
+from fedssl.server.app import run_federation, wait_for_nodes
+from fedssl.server.strategies import build_strategy
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config, tiny_config
 
 REQUIRED = {"round", "knn_top1", "train_loss", "clients_ok", "clients_failed", "seconds"}

@@ -11,17 +11,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from client.app import MEMO_KEY, PREVIOUS_KEY, app as client_app
-from common.config import ConfigError, RunConfig
-from common.global_updates import Previous, fedema, fedu, rule_for
-from common.global_updates.divergence import encoder_divergence
-from common.methods import build_method
-from common.methods.base import SSLMethod
-from server.app import run_federation
-from server.resume import load_run_state
-from server.strategies import build_strategy
-from server.strategies.ldawa import ldawa_aggregate
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import MEMO_KEY, PREVIOUS_KEY, app as client_app
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.global_updates import Previous, fedema, fedu, rule_for
+from fedssl.common.global_updates.divergence import encoder_divergence
+from fedssl.common.methods import build_method
+from fedssl.common.methods.base import SSLMethod
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.server.strategies import build_strategy
+from fedssl.server.strategies.ldawa import ldawa_aggregate
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 
@@ -123,7 +123,7 @@ def test_fedu_refuses_a_method_without_a_predictor_on_client_and_server(monkeypa
     with pytest.raises(ConfigError, match="strategy='fedu' is invalid with method='simsiam': FedU keeps "
                                           "or replaces the predictor, and simsiam shares none"):
         fedu.update(cfg, headless, headless.shared_state(), None, {}, 1)
-    import server.strategies.fedu as server_fedu
+    import fedssl.server.strategies.fedu as server_fedu
     monkeypatch.setattr(server_fedu, "build_method", lambda cfg: headless)
     with pytest.raises(ConfigError, match="strategy='fedu' is invalid"):
         build_strategy(cfg)
@@ -133,9 +133,9 @@ def test_a_rules_declaration_alone_decides_what_may_stand_in_for_its_aggregate(
         monkeypatch, small_image_folder, tmp_path):
     from dataclasses import replace
 
-    from server.rounds import SSLRounds
-    from server.strategies import RULES
-    from server.strategies.fedavg import RULE as FEDAVG
+    from fedssl.server.rounds import SSLRounds
+    from fedssl.server.strategies import RULES
+    from fedssl.server.strategies.fedavg import RULE as FEDAVG
 
     private = dict(dp="fixed", max_update_norm_ratio=0.0)
     # a new rule, FedAvg's aggregation but not declared a FedAvg mean: DP and SecAgg+ refuse it

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.local_data import local_images
-from common.datasets import load_images
+from fedssl.client.local_data import local_images
+from fedssl.common.datasets import load_images
 from conftest import fast_config
-from server.evaluation import GlobalEvaluator
-from simulations import sweep_report
-from simulations.cli import main
-from simulations.sweep import SpecError, api_runner, load_spec, run_sweep
-from simulations.sweep_report import Interval, build_report, choose, paired, t_interval, t_quantile
+from fedssl.server.evaluation import GlobalEvaluator
+from fedssl.simulations import sweep_report
+from fedssl.simulations.cli import main
+from fedssl.simulations.sweep import SpecError, api_runner, load_spec, run_sweep
+from fedssl.simulations.sweep_report import Interval, build_report, choose, paired, t_interval, t_quantile
 
 # t(0.975, df), from any table of Student's t (e.g. NIST/SEMATECH e-Handbook, 1.3.6.7.2).
 T_TABLE = {1: 12.706, 2: 4.303, 4: 2.776, 10: 2.228, 30: 2.042}
@@ -241,7 +241,7 @@ def test_a_diverged_run_is_marked_failed_counted_and_not_run_again(small_image_f
 
 
 def test_the_seed_fixes_the_partitions_whatever_the_cell(image_folder, tmp_path):
-    from simulations.sweep import parse_spec, partition_digest
+    from fedssl.simulations.sweep import parse_spec, partition_digest
 
     spec = parse_spec({"seeds": [0, 1], "baseline": "a",
                        "base": {"dataset": "imagefolder", "data-path": str(image_folder),

@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from client.app import app as client_app
-from common.config import ConfigError, RunConfig
-from server.app import run_federation
-from server.run_dir import RunDir
-from server.tracking import MLFLOW_DB, TENSORBOARD_DIR, check_installed
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.server.app import run_federation
+from fedssl.server.run_dir import RunDir
+from fedssl.server.tracking import MLFLOW_DB, TENSORBOARD_DIR, check_installed
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
-from simulations.cli import main
+from fedssl.simulations.cli import main
 
 PER_ROUND = {"knn_top1", "collapse_std", "train_loss", "clients_ok", "clients_failed",
              "bytes_sent", "bytes_received", "seconds"}

@@ -10,15 +10,15 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file
 
-from client.app import app as client_app
-from common.config import ConfigError, RunConfig
-from common.methods import build_method
-from common.records import decode_update, encode_update, narrow, to_record, widen
-from server.app import run_federation
-from server.resume import load_run_state
-from server.strategies import build_strategy
-from server.npy_view import as_numpy
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.client.app import app as client_app
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.methods import build_method
+from fedssl.common.records import decode_update, encode_update, narrow, to_record, widen
+from fedssl.server.app import run_federation
+from fedssl.server.resume import load_run_state
+from fedssl.server.strategies import build_strategy
+from fedssl.server.npy_view import as_numpy
+from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
 SMALL = dict(proj_dim=32, hidden_dim=64, image_size=16)

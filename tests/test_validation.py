@@ -7,9 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from server.mean import BLOCK, BlockWalker, WeightedMean
-from server.validation import norm_outliers, screen, spec_of, update_norm
-from simulations.inprocess_grid import InProcessGrid
+from fedssl.server.mean import BLOCK, BlockWalker, WeightedMean
+from fedssl.server.validation import norm_outliers, screen, spec_of, update_norm
+from fedssl.simulations.inprocess_grid import InProcessGrid
 
 RATIO = 10.0
 DTYPES = st.sampled_from([np.float32, np.float64, np.int64])

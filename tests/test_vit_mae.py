@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models.vision_transformer import VisionTransformer
 
-from common.config import ConfigError, RunConfig
-from common.encoders import build_encoder, describe_encoder, torchvision_recipe
-from common.evaluation import collapse_std
-from common.methods import METHODS, build_method
-from common.methods.mae import MAE, patchify, random_masking, reconstruction_loss
-from common.training import StepSettings, augmenter, train_epochs
-from common.vit import encode_visible
-from server.run_dir import encoder_config, weights_metadata
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.encoders import build_encoder, describe_encoder, torchvision_recipe
+from fedssl.common.evaluation import collapse_std
+from fedssl.common.methods import METHODS, build_method
+from fedssl.common.methods.mae import MAE, patchify, random_masking, reconstruction_loss
+from fedssl.common.training import StepSettings, augmenter, train_epochs
+from fedssl.common.vit import encode_visible
+from fedssl.server.run_dir import encoder_config, weights_metadata
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,11 +7,11 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from common import checkpoint
-from common.checkpoint import export_encoder, load_encoder, load_weights, read_metadata, save_weights
-from common.config import RunConfig
-from common.methods import build_method
-from common.records import from_record, to_record
+from fedssl.common import checkpoint
+from fedssl.common.checkpoint import export_encoder, load_encoder, load_weights, read_metadata, save_weights
+from fedssl.common.config import RunConfig
+from fedssl.common.methods import build_method
+from fedssl.common.records import from_record, to_record
 
 
 @pytest.mark.parametrize("method", ["byol", "simsiam"])

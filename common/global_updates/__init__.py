@@ -20,9 +20,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from common.config import RunConfig
-from common.global_updates import fedema, fedu
-from common.global_updates.divergence import encoder_divergence, encoder_kernels
+from fedssl.common.config import RunConfig
+from fedssl.common.global_updates import fedema, fedu
+from fedssl.common.global_updates.divergence import encoder_divergence, encoder_kernels
 
 log = logging.getLogger("fedssl")
 State = Mapping[str, torch.Tensor]

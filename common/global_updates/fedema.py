@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import logging
 
-from common.config import RunConfig
-from common.ema import ema_
+from fedssl.common.config import RunConfig
+from fedssl.common.ema import ema_
 
 log = logging.getLogger("fedssl")
 LAMBDA = "fedema-lambda"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from common.config import ConfigError, RunConfig
+from fedssl.common.config import ConfigError, RunConfig
 
 log = logging.getLogger("fedssl")
 PREDICTOR = "predictor."

@@ -1,18 +1,18 @@
 """The SSL methods. Adding one is a module here plus an entry in METHODS."""
 from __future__ import annotations
 
-from common.config import RunConfig
-from common.encoders import build_encoder
-from common.methods.barlowtwins import BarlowTwins
-from common.methods.base import HeadSizes, SSLMethod
-from common.methods.byol import BYOL
-from common.methods.dino import DINO
-from common.methods.mae import MAE
-from common.methods.mocov2 import MoCoV2
-from common.methods.simclr import SimCLR
-from common.methods.simsiam import SimSiam
-from common.methods.swav import SwAV
-from common.methods.vicreg import VICReg
+from fedssl.common.config import RunConfig
+from fedssl.common.encoders import build_encoder
+from fedssl.common.methods.barlowtwins import BarlowTwins
+from fedssl.common.methods.base import HeadSizes, SSLMethod
+from fedssl.common.methods.byol import BYOL
+from fedssl.common.methods.dino import DINO
+from fedssl.common.methods.mae import MAE
+from fedssl.common.methods.mocov2 import MoCoV2
+from fedssl.common.methods.simclr import SimCLR
+from fedssl.common.methods.simsiam import SimSiam
+from fedssl.common.methods.swav import SwAV
+from fedssl.common.methods.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simsiam": SimSiam, "simclr": SimCLR, "mocov2": MoCoV2}
 METHODS["vicreg"] = VICReg

@@ -58,10 +58,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
-from common.heads import expander
-from common.methods.base import HeadSizes, SSLMethod
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
+from fedssl.common.heads import expander
+from fedssl.common.methods.base import HeadSizes, SSLMethod
 
 LAMBDA_OFFDIAG = 0.0051  # the authors' code
 BN_EPS = 1e-5  # BatchNorm1d's, as the authors' affine-free BatchNorm

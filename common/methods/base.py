@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
-from common.ema import ema_
-from common.heads import mlp
-from common.methods.base import HeadSizes, SSLMethod, frozen_copy
-from common.schedules import byol_tau
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
+from fedssl.common.ema import ema_
+from fedssl.common.heads import mlp
+from fedssl.common.methods.base import HeadSizes, SSLMethod, frozen_copy
+from fedssl.common.schedules import byol_tau
 
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

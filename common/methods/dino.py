@@ -71,12 +71,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
-from common.ema import ema_
-from common.heads import NormalizedLinear, dino_head
-from common.methods.base import HeadSizes, SSLMethod, frozen_copy
-from common.schedules import cosine
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
+from fedssl.common.ema import ema_
+from fedssl.common.heads import NormalizedLinear, dino_head
+from fedssl.common.methods.base import HeadSizes, SSLMethod, frozen_copy
+from fedssl.common.schedules import cosine
 
 
 def dino_loss(student: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor],

@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vision_transformer import Encoder, VisionTransformer
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
-from common.methods.base import HeadSizes, SSLMethod
-from common.vit import encode_visible, sincos_position_embedding
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
+from fedssl.common.methods.base import HeadSizes, SSLMethod
+from fedssl.common.vit import encode_visible, sincos_position_embedding
 
 HEAD_WIDTH = 32  # the decoder's attention heads are this wide (MAE's: 512 / 16)
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
-from common.heads import mlp
-from common.methods.base import HeadSizes, SSLMethod
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
+from fedssl.common.heads import mlp
+from fedssl.common.methods.base import HeadSizes, SSLMethod
 
 
 def simsiam_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.augment import ViewRecipe
-from common.config import RunConfig
-from common.heads import expander
-from common.methods.base import HeadSizes, SSLMethod
+from fedssl.common.augment import ViewRecipe
+from fedssl.common.config import RunConfig
+from fedssl.common.heads import expander
+from fedssl.common.methods.base import HeadSizes, SSLMethod
 
 INVARIANCE, VARIANCE, COVARIANCE = 25.0, 25.0, 1.0  # the paper's lambda, mu, nu
 STD_TARGET, EPS = 1.0, 1e-4  # the paper's gamma and epsilon

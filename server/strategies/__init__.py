@@ -6,12 +6,12 @@ import contextlib
 import logging
 from typing import Iterator
 
-from common.config import ConfigError, RunConfig
-from server import dp, secure
-from server.protocol import SSLStrategy
-from server.rounds import SSLRounds
-from server.rule import AggregationRule
-from server.strategies import (bulyan, fedadam, fedavg, fedavgm, fedema, fedmedian, fedtrimmedavg, fedu,
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.server import dp, secure
+from fedssl.server.protocol import SSLStrategy
+from fedssl.server.rounds import SSLRounds
+from fedssl.server.rule import AggregationRule
+from fedssl.server.strategies import (bulyan, fedadam, fedavg, fedavgm, fedema, fedmedian, fedtrimmedavg, fedu,
                                krum, ldawa, multikrum)
 
 RULES: dict[str, AggregationRule] = {

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Bulyan
 
-from common.config import RunConfig
-from server.rule import AggregationRule, sampling
-from server.strategies.robust import InSentDtypes, require_replies, select_by_float_distances
+from fedssl.common.config import RunConfig
+from fedssl.server.rule import AggregationRule, sampling
+from fedssl.server.strategies.robust import InSentDtypes, require_replies, select_by_float_distances
 
 
 class BulyanInSentDtypes(InSentDtypes, Bulyan):

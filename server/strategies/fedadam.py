@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAdam
 
-from common.config import RunConfig
-from server.rule import AggregationRule, KeepsServerState, sampling
-from server.strategies.running_stats import StatisticsAsMean, statistics_keys
+from fedssl.common.config import RunConfig
+from fedssl.server.rule import AggregationRule, KeepsServerState, sampling
+from fedssl.server.strategies.running_stats import StatisticsAsMean, statistics_keys
 
 
 class FedAdamOnParameters(KeepsServerState, StatisticsAsMean, FedAdam):

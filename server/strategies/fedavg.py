@@ -3,6 +3,6 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from server.rule import AggregationRule, sampling
+from fedssl.server.rule import AggregationRule, sampling
 
 RULE = AggregationRule(build=lambda cfg: FedAvg(**sampling(cfg)), fedavg_mean=True)

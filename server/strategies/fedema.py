@@ -2,6 +2,6 @@
 EMA towards the global model runs on the client (common/global_updates/fedema.py)."""
 from __future__ import annotations
 
-from server.strategies import fedavg
+from fedssl.server.strategies import fedavg
 
 RULE = fedavg.RULE

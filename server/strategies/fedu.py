@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from common.config import RunConfig
-from common.global_updates.fedu import require_predictor
-from common.methods import build_method
-from server.strategies import fedavg
+from fedssl.common.config import RunConfig
+from fedssl.common.global_updates.fedu import require_predictor
+from fedssl.common.methods import build_method
+from fedssl.server.strategies import fedavg
 
 
 def check(cfg: RunConfig) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Krum
 
-from common.config import RunConfig
-from server.rule import AggregationRule, sampling
-from server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
+from fedssl.common.config import RunConfig
+from fedssl.server.rule import AggregationRule, sampling
+from fedssl.server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
 
 
 class KrumOnFloats(InSentDtypes, FloatDistanceKrum, Krum):

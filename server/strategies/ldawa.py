@@ -23,10 +23,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import RunConfig
-from server.npy_view import as_numpy
-from server.rule import AggregationRule, sampling
-from server.strategies.running_stats import StatisticsAsMean, in_dtype, statistics_keys
+from fedssl.common.config import RunConfig
+from fedssl.server.npy_view import as_numpy
+from fedssl.server.rule import AggregationRule, sampling
+from fedssl.server.strategies.running_stats import StatisticsAsMean, in_dtype, statistics_keys
 
 
 def layer_weight(client: np.ndarray, glob: np.ndarray) -> float:

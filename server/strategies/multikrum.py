@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import MultiKrum
 
-from common.config import ConfigError, RunConfig
-from server.rule import AggregationRule, sampling
-from server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.server.rule import AggregationRule, sampling
+from fedssl.server.strategies.robust import FloatDistanceKrum, InSentDtypes, require_replies
 
 
 class MultiKrumOnFloats(InSentDtypes, FloatDistanceKrum, MultiKrum):

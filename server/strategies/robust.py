@@ -24,9 +24,9 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import ConfigError, RunConfig
-from server.npy_view import as_numpy
-from server.strategies.running_stats import in_dtype
+from fedssl.common.config import ConfigError, RunConfig
+from fedssl.server.npy_view import as_numpy
+from fedssl.server.strategies.running_stats import in_dtype
 
 
 def require_replies(cfg: RunConfig, needed: int, why: str) -> None:

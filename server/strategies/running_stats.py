@@ -16,9 +16,9 @@ from typing import Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from common.config import RunConfig
-from common.methods import build_method
-from server.npy_view import as_numpy
+from fedssl.common.config import RunConfig
+from fedssl.common.methods import build_method
+from fedssl.server.npy_view import as_numpy
 
 
 def statistics_keys(cfg: RunConfig) -> frozenset[str]:
