@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return analysis_cli.run(args)
     if args.command in sweep.COMMANDS:
         return sweep.run(args)
-    import fedssl.common.checkpoint  # noqa: F401  read by the signal handler, which must not import
+    from fedssl.common import checkpoint  # noqa: F401  read by the signal handler, which must not import
     from fedssl.common.datasets import DataError
 
     try:

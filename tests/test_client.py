@@ -141,4 +141,4 @@ def test_the_rounds_of_one_run_reuse_the_built_method_and_another_model_builds_a
     other = cfg.replace(proj_dim=16)
     assert not client_app(train_message(other, 1), context({"partition-id": 0, "num-partitions": 2})).has_error()
     assert builds == [cfg, other]
-    assert client.app.built_method(other).projector[-1].out_features == 16
+    assert client_module.built_method(other).projector[-1].out_features == 16
