@@ -194,9 +194,9 @@ class SSLRounds(Strategy):
 
     def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         if isinstance(self.rule, KeepsServerState):
-            return self.rule.load_server_state(state)
-        for attr in state:
-            raise KeyError(f"checkpoint holds server state {attr!r} this strategy does not keep")
+            self.rule.load_server_state(state)
+        elif state:
+            raise KeyError(f"checkpoint holds server state {next(iter(state))!r} this strategy does not keep")
 
     # --- what Flower's Strategy asks besides training: the rule's answers -------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
