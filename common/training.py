@@ -47,38 +47,41 @@ def augmenter(cfg: RunConfig) -> TwoViewAugment:
 @dataclass(frozen=True)
 class StepSettings:
     """train_epochs' batch, optimizer and precision settings. `lr` is the rate these steps
-    train at: a round's (common.schedules.round_lr), not the run's base rate."""
+    train at: a round's (common.schedules.round_lr), not the run's base rate; `predictor_lr`
+    the rate of a method's predictor (None: `lr`)."""
     batch_size: int
     lr: float
     momentum: float
     weight_decay: float
     amp: bool = True
-    predictor_lr_scale: float = 1.0
+    predictor_lr: float | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, lr: float | None = None) -> StepSettings:
         """The run config's settings, at `lr` if given (else its base rate), so every caller
-        that trains as a client does passes the same ones."""
-        return cls(batch_size=cfg.batch_size, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                   weight_decay=cfg.weight_decay, amp=cfg.amp, predictor_lr_scale=cfg.predictor_lr_scale)
+        that trains as a client does passes the same ones.
+
+        The predictor trains at `predictor-lr-scale` x the round's rate under
+        `predictor-lr-schedule = "cosine"` (it decays with every other parameter), at that
+        multiple of the base rate in every round under "constant" (SimSiam's authors'
+        `--fix-pred-lr`, whose multiple is 1). The predictor has to keep up with a projector
+        that moves under it; docs/results.md has the measurement that chose the default."""
+        round_rate = cfg.lr if lr is None else lr
+        predictor_base = cfg.lr if cfg.predictor_lr_schedule == "constant" else round_rate
+        return cls(batch_size=cfg.batch_size, lr=round_rate, momentum=cfg.momentum,
+                   weight_decay=cfg.weight_decay, amp=cfg.amp,
+                   predictor_lr=cfg.predictor_lr_scale * predictor_base)
 
 
-def param_groups(method: SSLMethod, lr: float, predictor_lr_scale: float) -> list[dict]:
-    """The trainable parameters at `lr`, the method's predictor at `predictor_lr_scale` x lr.
-
-    `lr` is the round's rate (common.schedules.round_lr's cosine), so the predictor's rate
-    decays with it: a constant multiple, not a constant rate. The predictor has to keep up
-    with a projector that moves under it; in these short runs a ten times faster predictor
-    learns more per image (docs/results.md). SimSiam's authors answer the same need
-    differently: their predictor stays at the base rate, not decayed (`--fix-pred-lr`;
-    common/methods/simsiam.py)."""
+def param_groups(method: SSLMethod, lr: float, predictor_lr: float | None = None) -> list[dict]:
+    """The trainable parameters at `lr`, the method's predictor at `predictor_lr` (None: `lr`)."""
     predictor, rest = [], []
     for name, param in method.named_parameters():
         if param.requires_grad:
             (predictor if name.startswith(method.predictor_prefixes) else rest).append(param)
     groups = [{"params": rest, "lr": lr}]
     if predictor:
-        groups.append({"params": predictor, "lr": lr * predictor_lr_scale})
+        groups.append({"params": predictor, "lr": lr if predictor_lr is None else predictor_lr})
     return groups
 
 
@@ -100,7 +103,7 @@ def train_epochs(
         raise ValueError(f"need at least 2 images to train, got {len(images)}")
     method.to(device).train()
     lr = settings.lr
-    optimizer = torch.optim.SGD(param_groups(method, lr, settings.predictor_lr_scale), lr=lr,
+    optimizer = torch.optim.SGD(param_groups(method, lr, settings.predictor_lr), lr=lr,
                                 momentum=settings.momentum, weight_decay=settings.weight_decay)
     batch = min(settings.batch_size, len(images))
     per_epoch = steps_per_epoch(len(images), batch)

@@ -12,7 +12,7 @@ from fedssl.common.methods import METHODS, build_method
 from fedssl.common.methods.byol import BYOL, byol_loss
 from fedssl.common.methods.simsiam import simsiam_loss
 from fedssl.common.schedules import byol_tau, cosine
-from fedssl.common.training import augmenter, param_groups
+from fedssl.common.training import StepSettings, augmenter, param_groups
 
 
 def small(method: str) -> RunConfig:
@@ -108,7 +108,7 @@ def test_load_partial_rejects_foreign_keys():
 @pytest.mark.parametrize("name, has_predictor", [("byol", True), ("simsiam", True), ("simclr", False)])
 def test_the_predictor_trains_at_its_own_learning_rate(name, has_predictor):
     method = build_method(RunConfig(method=name, encoder="resnet10", proj_dim=16, hidden_dim=32))
-    groups = param_groups(method, 0.05, 10.0)
+    groups = param_groups(method, 0.05, 0.5)
     trainable = [p for p in method.parameters() if p.requires_grad]
     assert sum(len(g["params"]) for g in groups) == len(trainable)  # each parameter once
     assert groups[0]["lr"] == 0.05
@@ -121,11 +121,18 @@ def test_the_predictor_trains_at_its_own_learning_rate(name, has_predictor):
         assert len(groups) == 1
 
 
-def test_the_predictor_rate_decays_with_the_rounds_rate():
-    # A constant multiple of the round's (cosine-decayed) rate, not SimSiam's constant rate.
-    method = build_method(RunConfig(method="simsiam", proj_dim=16, hidden_dim=32))
-    for round_lr in (cosine(0.0, 0.05, 0.0), cosine(0.9, 0.05, 0.0)):
-        assert math.isclose(param_groups(method, round_lr, 10.0)[1]["lr"], 10.0 * round_lr)
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_predictor_rate_follows_its_schedule_through_the_rounds(schedule):
+    # cosine: a constant multiple of the round's decayed rate; constant: that multiple of the
+    # base rate in every round (SimSiam's authors' --fix-pred-lr, there with multiple 1).
+    cfg = RunConfig(method="simsiam", proj_dim=16, hidden_dim=32, lr=0.05, predictor_lr_scale=4.0,
+                    predictor_lr_schedule=schedule)
+    method = build_method(cfg)
+    for progress in (0.0, 0.9):
+        rate = cosine(progress, 0.05, 0.0)
+        groups = param_groups(method, rate, StepSettings.from_config(cfg, lr=rate).predictor_lr)
+        assert math.isclose(groups[0]["lr"], rate)
+        assert math.isclose(groups[1]["lr"], 4.0 * (rate if schedule == "cosine" else 0.05))
 
 
 # --- each method's augmentation ----------------------------------------------------------

@@ -34,8 +34,8 @@ class SSLMethod(nn.Module):
     # method can train (None: any in common/encoders.py); RunConfig resolves and checks both.
     preferred_encoder: str = "resnet10"
     encoders: tuple[str, ...] | None = None
-    # Trained at predictor-lr-scale x the round's lr, so it decays with the schedule as
-    # every other group does (common/training.py's param_groups).
+    # Trained at its own rate: predictor-lr-scale x the round's or the base lr, by
+    # predictor-lr-schedule (common/training.py's StepSettings.from_config).
     predictor_prefixes: tuple[str, ...] = ()
     augmentation: ViewRecipe
     encoder: nn.Module
