@@ -49,9 +49,9 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from fedssl.common.augment import normalize
 from fedssl.common.config import ConfigError, RunConfig
-from fedssl.common.methods import build_method
 from fedssl.server.accounting import epsilon_spent
 from fedssl.server.round_record import RoundRecord
+from fedssl.server.strategies.running_stats import statistics_keys
 from fedssl.server.privacy_settings import refuse_per_update_settings
 
 UNIT_WEIGHT = "dp-unit-weight"
@@ -89,14 +89,6 @@ def _with_unit_weight(reply: Message) -> Message:
     return reply
 
 
-def shared_statistics(cfg: RunConfig) -> frozenset[str]:
-    """The shared entries that are buffers, not parameters: BatchNorm's running statistics
-    and step counters, computed from a site's images rather than learned."""
-    method = build_method(cfg)
-    shared = method.shared_state()
-    return frozenset(name for name, _ in method.named_buffers() if name in shared)
-
-
 class PrivateRounds:
     """Mixin placed before a Flower client-side DP wrapper whose wrapped strategy is a fedssl
     rule (server/rounds.py's SSLRounds); serves the rest of the server the rule's interface."""
@@ -107,7 +99,7 @@ class PrivateRounds:
         self.delta = cfg.dp_delta
         self.sampling_rate = cfg.fraction_train
         self.releases = 0
-        self.statistics = shared_statistics(cfg)
+        self.statistics = statistics_keys(cfg)
         self._sent: ArrayRecord | None = None
         self._sampled = 0
         self.noise_rng = np.random.default_rng()  # OS entropy; not in any checkpoint

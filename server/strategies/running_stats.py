@@ -22,7 +22,10 @@ from fedssl.server.npy_view import as_numpy
 
 
 def statistics_keys(cfg: RunConfig) -> frozenset[str]:
-    """The shared entries of the run's method that are module buffers, not parameters."""
+    """The shared entries of the run's method that are module buffers, not parameters:
+    BatchNorm's running statistics and step counters, computed from a site's images rather
+    than learned. Every name a shared buffer is sent under (remove_duplicate=False), as the
+    state dict sends it under each."""
     method = build_method(cfg)
     shared = method.shared_state()
     return frozenset(name for name, _ in method.named_buffers(remove_duplicate=False) if name in shared)
