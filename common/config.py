@@ -181,8 +181,8 @@ class RunConfig:
                                    "that is rejected", _positive)
     node_wait_timeout: float = setting(120.0, "seconds to wait for min-train-clients nodes to connect "
                                        "before the run ends", _positive)
-    max_update_norm_ratio: float = setting(10.0, "reject a reply whose update norm exceeds this x the "
-                                           "round's lower median (0: off)", _off_or_at_least(1.0))
+    max_update_norm_ratio: float = setting(10.0, "reject a reply whose update norm per local step "
+                                           "exceeds this x the round's lower median (0: off)", _off_or_at_least(1.0))
     # aggregation rules beyond fedavg (server/strategies)
     fedu_threshold: float = setting(0.4, "fedu: a client keeps its own predictor while its last "
                                     "training's divergence is at least this", _at_least(0.0))

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from fedssl.common.config import RunConfig
 from fedssl.common.global_updates import METRIC_PREFIX
 from fedssl.common.records import TRANSFER_DTYPES, decode_update, has_narrow, narrow
+from fedssl.common.training import steps_per_epoch
 from fedssl.server.mean import WeightedMean
 from fedssl.server.nodes import RegisteredOrder, registration_order, wait_for_nodes
 from fedssl.server.round_record import RoundOffset, RoundRecord
@@ -64,6 +65,7 @@ class SSLRounds(Strategy):
         self.streams_mean = streams_mean
         self.min_valid = cfg.min_train_clients
         self.max_norm_ratio = cfg.max_update_norm_ratio
+        self.batch_size, self.local_epochs = cfg.batch_size, cfg.local_epochs
         self.round_timeout = cfg.round_timeout
         self.node_wait_timeout = cfg.node_wait_timeout
         self.transfer_dtype = TRANSFER_DTYPES[cfg.transfer_dtype]
@@ -141,6 +143,10 @@ class SSLRounds(Strategy):
                 pass
         return reply
 
+    def local_steps(self, examples: int) -> int:
+        """The SGD steps a site with `examples` images trains a round (client/app.py)."""
+        return self.local_epochs * steps_per_epoch(examples, self.batch_size)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = self.offset.server_round(server_round)
         sent = self._sent.pop(server_round, [])
@@ -155,7 +161,7 @@ class SSLRounds(Strategy):
         replies = [self._widened(m) for m in replies]
         mean = WeightedMean() if self.streams_mean else None
         verdict = screen(replies, self._spec or {}, self._global, self.max_norm_ratio, mean,
-                         self.weighted_by_key)
+                         self.weighted_by_key, local_steps=self.local_steps)
         replied = {m.metadata.src_node_id for m in replies}
         for node in (m.dst_node_id for m in sent):
             if node not in replied:

@@ -149,13 +149,35 @@ def test_the_mean_summed_while_screening_is_flowers_fedavg_of_the_accepted(model
 
 
 @FAST
-@given(norms=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=9), ratio=st.floats(1.0, 100.0))
-def test_norm_outliers_are_exactly_those_above_ratio_times_lower_median(norms, ratio):
-    by_node = dict(enumerate(norms))
-    median = sorted(norms)[(len(norms) - 1) // 2]
-    assert set(norm_outliers(by_node, ratio)) == {i for i, n in by_node.items() if n > ratio * median}
+@given(pairs=st.lists(st.tuples(st.floats(1e-3, 1e3), st.integers(1, 100)), min_size=1, max_size=9),
+       ratio=st.floats(1.0, 100.0))
+def test_norm_outliers_are_exactly_those_above_ratio_times_lower_median_per_step(pairs, ratio):
+    norms = {i: norm for i, (norm, _) in enumerate(pairs)}
+    steps = {i: k for i, (_, k) in enumerate(pairs)}
+    per_step = [norm / k for norm, k in pairs]
+    median = sorted(per_step)[(len(per_step) - 1) // 2]
+    rejected = norm_outliers(norms, ratio, steps)
+    assert set(rejected) == {i for i, per in enumerate(per_step) if per > ratio * median}
     # the median reply itself, and at least half of them, always pass
-    assert len(norm_outliers(by_node, ratio)) <= len(norms) // 2
+    assert len(rejected) <= len(pairs) // 2
+    assert set(norm_outliers(norms, ratio)) == {i for i, n in norms.items() if n > ratio * sorted(norms.values())[
+        (len(norms) - 1) // 2]}  # without steps: whole norms
+
+
+def test_a_large_honest_site_beside_a_small_one_is_kept_and_a_huge_update_is_not():
+    # A measured round of the Dirichlet(0.1) sweep: a site of 36 images (1 step of batch 36)
+    # moved 0.374, one of about 2,000 (31 steps of 64) moved 4.667; whole norms rejected the
+    # larger honest site. Judged per step it stays; 100 times its update is still refused.
+    model = {"w": np.zeros(64, dtype=np.float32)}
+    def steps(examples: int) -> int:
+        return max(examples // 64, 1)
+    small = reply(1, nudged(model, 0.374, 1), **{"num-examples": 36})
+    large = reply(2, nudged(model, 4.667, 2), **{"num-examples": 2000})
+    assert screen([small, large], spec_of(model), model, RATIO, local_steps=steps).rejected == {}
+    assert list(screen([small, large], spec_of(model), model, RATIO).rejected) == [2]
+    huge = reply(2, nudged(model, 466.7, 2), **{"num-examples": 2000})
+    rejected = screen([small, huge], spec_of(model), model, RATIO, local_steps=steps).rejected
+    assert list(rejected) == [2] and "for each of 31 local steps" in rejected[2], rejected
 
 
 @FAST
