@@ -83,8 +83,8 @@ def norm_outliers(norms: Mapping[int, float], max_ratio: float,
 
     Per step because an honest update grows with the steps that made it (momentum SGD moves
     about linearly while the gradient keeps its direction) and non-IID sites differ in size
-    by far more than the ratio: Dirichlet(0.1) over 9,000 CIFAR-10 images gave sites of 36
-    to about 2,000 images, and whole norms rejected the larger honest site of a round in 7
+    by far more than the ratio: Dirichlet(0.1) over 10,000 CIFAR-10 images gave sites of 36
+    to 2,251 images, and whole norms rejected the larger honest site of a round in 7
     of 180 rounds (docs/results.md). A site that overstates its examples gains a looser
     bound, as it gains weight in FedAvg's mean; screening stops crude attacks only
     (docs/security.md). A ratio of 0 turns the check off (under DP or SecAgg+,

@@ -165,9 +165,10 @@ def test_norm_outliers_are_exactly_those_above_ratio_times_lower_median_per_step
 
 
 def test_a_large_honest_site_beside_a_small_one_is_kept_and_a_huge_update_is_not():
-    # A measured round of the Dirichlet(0.1) sweep: a site of 36 images (1 step of batch 36)
-    # moved 0.374, one of about 2,000 (31 steps of 64) moved 4.667; whole norms rejected the
-    # larger honest site. Judged per step it stays; 100 times its update is still refused.
+    # The two norms of a round the Dirichlet(0.1) sweep lost (0.374 and 4.667), sent by sites
+    # of sizes that partition holds: 36 images (1 step of batch 36) and 2,000 (31 steps of 64).
+    # Whole norms reject the larger honest site; per step it stays, and 100 times its update
+    # is still refused.
     model = {"w": np.zeros(64, dtype=np.float32)}
     def steps(examples: int) -> int:
         return max(examples // 64, 1)
