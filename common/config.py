@@ -113,8 +113,8 @@ class RunConfig:
     byol_tau: float = setting(0.9, "BYOL's target momentum at the start; a cosine raises it to 1 by the "
                               "last step", _between(0.0, 1.0))
     predictor_lr_scale: float = setting(10.0, "BYOL's and SimSiam's predictor trains at this x lr", _positive)
-    predictor_lr_schedule: str = setting("cosine", "the predictor's rate: cosine (scale x the round's lr, "
-                                         "decaying with it) or constant (scale x the base lr in every round)",
+    predictor_lr_schedule: str = setting("constant", "the predictor's rate: constant (scale x the base lr "
+                                         "in every round) or cosine (scale x the round's lr, decaying with it)",
                                          _choice(lambda: ("cosine", "constant")))
     simclr_temperature: float = setting(0.2, "SimCLR's softmax temperature", _positive)
     moco_temperature: float = setting(0.2, "MoCo v2's softmax temperature", _positive)

@@ -61,11 +61,12 @@ class StepSettings:
         """The run config's settings, at `lr` if given (else its base rate), so every caller
         that trains as a client does passes the same ones.
 
-        The predictor trains at `predictor-lr-scale` x the round's rate under
-        `predictor-lr-schedule = "cosine"` (it decays with every other parameter), at that
-        multiple of the base rate in every round under "constant" (SimSiam's authors'
-        `--fix-pred-lr`, whose multiple is 1). The predictor has to keep up with a projector
-        that moves under it; docs/results.md has the measurement that chose the default."""
+        The predictor trains at `predictor-lr-scale` x the base rate in every round under
+        `predictor-lr-schedule = "constant"` (the default; SimSiam's authors' `--fix-pred-lr`,
+        whose multiple is 1), at that multiple of the round's rate under "cosine" (it decays
+        with every other parameter). The predictor has to keep up with a projector that moves
+        under it; docs/results.md ("The predictor's schedule") has the measurement that chose
+        the default."""
         round_rate = cfg.lr if lr is None else lr
         predictor_base = cfg.lr if cfg.predictor_lr_schedule == "constant" else round_rate
         return cls(batch_size=cfg.batch_size, lr=round_rate, momentum=cfg.momentum,

@@ -30,8 +30,8 @@ def test_step_settings_are_the_run_configs_with_the_rate_given():
     settings = StepSettings.from_config(cfg)
     assert settings == StepSettings(batch_size=cfg.batch_size, lr=0.07, momentum=0.8, weight_decay=1e-3,
                                     amp=False, predictor_lr=4.0 * 0.07)
-    # the predictor's default schedule decays with the round's rate
-    assert StepSettings.from_config(cfg, lr=0.01) == dataclasses.replace(settings, lr=0.01, predictor_lr=4.0 * 0.01)
+    # the predictor's default schedule keeps it at the multiple of the base rate
+    assert StepSettings.from_config(cfg, lr=0.01) == dataclasses.replace(settings, lr=0.01)
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.lr = 1.0
 

@@ -7,12 +7,13 @@ gaussian blur 0.5 at ImageNet size, no solarize (lightly's SimSiamTransform has 
 numbers). The paper's CIFAR setting (appendix D: 32x32, "we do not use blur
 augmentation") is what fedssl's `blur` key, default false, gives at 32 px.
 
-Predictor learning rate: here predictor-lr-scale (10) x the round's learning rate, so it
-decays with the run's cosine schedule like every other parameter. The paper differs:
-its Table 1 reports the predictor with the decayed lr (67.7) and with a constant, not
-decayed lr (68.1, row c), and the authors' code runs the latter by default
-(`--fix-pred-lr`: the predictor stays at the base lr, without any scale). fedssl's
-10x scale was measured in short runs (docs/results.md); a constant rate was not.
+Predictor learning rate: predictor-lr-scale (10) x the base learning rate in every round
+(`predictor-lr-schedule` "constant"), while every other parameter follows the run's cosine.
+The paper's Table 1 reports the predictor with the decayed lr (67.7) and with a constant,
+not decayed one (68.1); the authors' README runs the latter (`--fix-pred-lr`, off unless
+passed: the predictor stays at the base lr, with no scale). fedssl's 10x scale was measured
+in short runs, and constant against decayed at that scale with seeds (docs/results.md, "The
+predictor's schedule": +0.2 points for constant, within the noise).
 """
 from __future__ import annotations
 
