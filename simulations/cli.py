@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -120,9 +121,9 @@ def interrupted_line(signum: int, args: argparse.Namespace, argv: list[str], cfg
             f"resume with: {shlex.join(resume)}")
 
 
-def kill_descendants() -> None:
-    """SIGKILL every process this one started and theirs (Ray's daemons, agents and workers),
-    found in /proc (Linux; elsewhere nothing is found)."""
+def descendants() -> list[int]:
+    """Every process this one started and theirs (Ray's daemons, agents and workers), parents
+    before their children, found in /proc (Linux; elsewhere nothing is found)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:  # "pid (name) state ppid ...": the name may hold spaces and parentheses
@@ -130,14 +131,26 @@ def kill_descendants() -> None:
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
         children.setdefault(ppid, []).append(int(stat.parent.name))
-    todo = [os.getpid()]
+    found, todo = [], [os.getpid()]
     while todo:
         for child in children.get(todo.pop(), []):
             todo.append(child)
-            try:
-                os.kill(child, signal.SIGKILL)
-            except OSError:
-                pass
+            found.append(child)
+    return found
+
+
+def kill_after_exit(pids: list[int]) -> None:
+    """SIGKILL `pids` once this process has exited, from a small shell started now: killed
+    while this process still runs, Ray's core worker in it sees its raylet die and can end
+    the process first, with its own exit code 1 (seen once in CI)."""
+    if not pids:
+        return
+    listed = " ".join(map(str, pids))
+    # Up to 2 s for this process to be gone (a parent that never reaps it: kill anyway).
+    script = (f"i=0; while kill -0 {os.getpid()} 2>/dev/null && [ $i -lt 200 ]; do sleep 0.01; i=$((i+1)); "
+              f"done; kill -9 {listed} 2>/dev/null; exit 0")
+    subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True)
 
 
 @contextmanager
@@ -154,7 +167,7 @@ def interrupts_end_the_run(line: Callable[[int], str]) -> Iterator[None]:
         try:
             print(line(signum), file=sys.stderr, flush=True)
         finally:
-            kill_descendants()
+            kill_after_exit(descendants())
             os._exit(128 + signum)
 
     if threading.current_thread() is not threading.main_thread():
