@@ -174,12 +174,11 @@ def screen(replies: Iterable[Message], spec: Spec, reference: Mapping[str, np.nd
                 result.rejected[reply.metadata.src_node_id] = (
                     f"record names or metric keys {_signature(reply)} differ from the other replies' {usual}")
 
-    norms = {reply.metadata.src_node_id: norm for reply, norm in candidates
-             if reply.metadata.src_node_id not in result.rejected}
-    steps = None
-    if local_steps is not None and max_norm_ratio != 0:
-        steps = {reply.metadata.src_node_id: local_steps(int(_weight(reply, WEIGHT_KEY)))
-                 for reply, _ in candidates if reply.metadata.src_node_id in norms}
+    kept = [(reply, norm) for reply, norm in candidates if reply.metadata.src_node_id not in result.rejected]
+    norms = {reply.metadata.src_node_id: norm for reply, norm in kept}
+    # Read only where the check runs: DP replies need not carry their examples.
+    steps = ({reply.metadata.src_node_id: local_steps(int(_weight(reply, WEIGHT_KEY))) for reply, _ in kept}
+             if local_steps is not None and max_norm_ratio != 0 else None)
     result.rejected.update(norm_outliers(norms, max_norm_ratio, steps))
     result.accepted = [r for r, _ in candidates if r.metadata.src_node_id not in result.rejected]
     if mean is not None and (summed_rejects or len(result.accepted) < len(candidates)):
