@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import time
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from fedssl.common.augment import MEAN, STD
 from fedssl.common.checkpoint import EXPORT_WEIGHTS, atomic_write, export_folder
 from fedssl.common.config import RunConfig
 from fedssl.common.encoders import describe_encoder, torchvision_recipe
+from fedssl.common.provenance import code_version, fedssl_version
 from fedssl.server.evaluation import eval_source
 from fedssl.server.tracking import Tracking
 
@@ -53,9 +53,10 @@ def _gain(history: list[dict[str, Any]], key: str) -> float | None:
 
 def summarize(cfg: RunConfig, history: list[dict[str, Any]], *, seconds: float, encoder: Path,
               out_dir: Path, **extra: Any) -> dict[str, Any]:
-    """summary.json: the config, the first and final rows, and the final kNN gain (on the
-    test images; under monitor = validation, whose first row never reads them, on validation)."""
-    return {"config": cfg.to_mapping(), "initial": history[0], "final": history[-1],
+    """summary.json: the config, the first and final rows, the final kNN gain (on the test
+    images; under monitor = validation, whose first row never reads them, on validation) and
+    the code that made the run (common/provenance.py)."""
+    return {"config": cfg.to_mapping(), "code": code_version(), "initial": history[0], "final": history[-1],
             "knn_top1_gain": _gain(history, "knn_top1"),
             "val_knn_top1_gain": _gain(history, "val_knn_top1"),
             "seconds": round(seconds, 3), "encoder": str(encoder), "out_dir": str(out_dir),
@@ -113,13 +114,6 @@ def _same_file(source: Path, link: Path) -> None:
     atomic_write(link, write)
 
 
-def fedssl_version() -> str:
-    try:
-        return package_metadata.version("fedssl")
-    except package_metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def encoder_config(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """config.json: what a user needs to rebuild and feed the encoder, and how it was made."""
     about = describe_encoder(cfg.resolved_encoder, cfg.image_size)
@@ -152,6 +146,7 @@ def encoder_config(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "seed": cfg.seed,
         "library_name": "fedssl",
         "fedssl_version": fedssl_version(),
+        "fedssl_commit": (summary.get("code") or {}).get("commit"),
     }
 
 
@@ -197,7 +192,9 @@ def model_card(cfg: RunConfig, config: dict[str, Any]) -> str:
                         f"{cfg.image_size}x{cfg.image_size} px"),
             ("local epochs, batch, lr", f"{cfg.local_epochs}, {cfg.batch_size}, {cfg.lr:g}"),
             ("started from", f"`{cfg.init_weights}`" if cfg.init_weights else "random initialisation"),
-            ("privacy", privacy), ("seed", cfg.seed), ("fedssl", config["fedssl_version"])]
+            ("privacy", privacy), ("seed", cfg.seed),
+            ("fedssl", config["fedssl_version"] + (f" (commit {config['fedssl_commit'][:7]})"
+                                                   if config["fedssl_commit"] else ""))]
     settings = "\n".join(f"| {name} | {value} |" for name, value in rows)
     recipe = torchvision_recipe(config["architecture"], cfg.image_size, ".")
     return f"""---

@@ -30,8 +30,10 @@ test images are scored once per run, in its final row. Every cell's settings are
 before the first run starts; a bad spec is one line naming the key.
 
 Resumable: the same command again skips every finished run (summary.json with all its rounds,
-made with the same settings; a run made with other settings in the same folder is an error,
-not overwritten). A run cut short (no summary.json) is restarted cleanly, not resumed from
+made with the same settings; a run made with other settings in the same folder, or recorded
+before one of today's keys existed, is an error, not overwritten). The report names the
+commit each finished run was made at (summary.json's `code`) and flags a sweep whose runs
+come from different code. A run cut short (no summary.json) is restarted cleanly, not resumed from
 its checkpoint: `--resume` rebuilds client-side state (BYOL's target, FedU's and FedEMA's
 previous models) from the global model, so a resumed run is not the run its seed names,
 and a paired comparison needs exactly that run. A run whose model went non-finite (NaN/Inf;
@@ -234,9 +236,10 @@ def final_round(cell: Cell, cfg: RunConfig) -> int:
 def _result_keys_differ(recorded: Mapping[str, Any], cfg: RunConfig) -> list[str]:
     from fedssl.server.app import RESUMABLE_CHANGES  # keys that do not change a run's results
 
-    wanted = cfg.to_mapping()
-    return sorted(k for k, v in recorded.items()
-                  if k in wanted and k not in RESUMABLE_CHANGES and wanted[k] != v)
+    # A key the record lacks counts as differing: the run predates the key, and today's
+    # default need not be the behaviour it had then.
+    return sorted(k for k, v in cfg.to_mapping().items()
+                  if k not in RESUMABLE_CHANGES and (k not in recorded or recorded[k] != v))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -263,10 +266,11 @@ def run_status(cell: Cell, cfg: RunConfig, folder: Path) -> str:
         record = _read_json(folder / name)
         if record is None:
             continue
-        differ = _result_keys_differ(record.get("config") or {}, cfg)
+        there = record.get("config") or {}
+        differ = _result_keys_differ(there, cfg)
         if differ:
-            shown = ", ".join(f"{k}={record['config'][k]!r} there, {cfg.to_mapping()[k]!r} here"
-                              for k in differ[:3])
+            shown = ", ".join((f"{k}={there[k]!r} there" if k in there else f"{k} absent there (older code)")
+                              + f", {cfg.to_mapping()[k]!r} here" for k in differ[:3])
             raise SpecError(f"{folder} holds a run made with other settings ({shown}); "
                             "give the sweep another --out, or remove that folder")
         if name == FAILED_MARKER:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from fedssl.common.provenance import describe
+
 LEVEL = 0.95
 VALIDATION = "val_knn_top1"                # the one column cells are ranked and chosen by
 TEST_COLUMNS = ("knn_top1", "probe_top1")  # read by test_scores only, for chosen cells only
@@ -119,6 +121,7 @@ class RunView:
     seconds: float | None = None
     digest: str | None = None
     failure: str | None = None
+    code: str | None = None           # which code made it (common/provenance.py's describe)
 
 
 def _json(path: Path) -> Any:
@@ -149,7 +152,8 @@ def read_validation(folder: Path) -> RunView:
         return RunView("missing", curve=curve, digest=digest)
     final_round = (summary.get("final") or {}).get("round")
     value = curve[-1][1] if curve[-1][0] == final_round else None
-    return RunView("done" if value is not None else "missing", value, curve, summary.get("seconds"), digest)
+    return RunView("done" if value is not None else "missing", value, curve, summary.get("seconds"), digest,
+                   code=describe(summary.get("code")))
 
 
 def test_scores(folder: Path) -> dict[str, float | None]:
@@ -243,8 +247,13 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
     for rank, name in enumerate(ranking, 1):
         rows[name]["rank"] = rank
         rows[name]["chosen"] = name in chosen
+    code: dict[str, list[str]] = {}
+    for name, cell_views in views.items():
+        for seed, view in cell_views.items():
+            if view.status == "done":
+                code.setdefault(view.code, []).append(f"{name} seed {seed}")
     return {"description": manifest.get("description", ""), "command": manifest.get("command"),
-            "seeds": manifest["seeds"], "baseline": baseline, "interval": INTERVAL,
+            "seeds": manifest["seeds"], "baseline": baseline, "interval": INTERVAL, "code": code,
             "selection": {"column": VALIDATION, "rule": "highest mean over seeds", "best": best,
                           "test_reported_for": chosen},
             "cells": [rows[name] for name in ranking]}
@@ -278,11 +287,23 @@ def _settings(cell: Mapping[str, Any]) -> str:
     return ("centralized; " if cell["command"] == "centralized" else "") + (text or "(base)")
 
 
+def _code_line(code: Mapping[str, list[str]]) -> str:
+    """Which code made the finished runs: one commit, or a warning naming each."""
+    if not code:
+        return "Code: no finished run."
+    if len(code) == 1:
+        (what, runs), = code.items()
+        return f"Code: {what} (all {len(runs)} finished runs)."
+    parts = "; ".join(f"{what}: {', '.join(runs)}" for what, runs in code.items())
+    return f"**Runs made by different code** (their differences may be the code's): {parts}."
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     sel = report["selection"]
     lines = [f"# Sweep: {report['description']}" if report["description"] else "# Sweep report", "",
              f"Reproduce: `{report['command']}` (then `fedssl sweep-report DIR`).",
              f"Seeds: {', '.join(map(str, report['seeds']))}. Intervals: {report['interval']}.",
+             _code_line(report["code"]),
              f"Ranked and chosen on validation only ({sel['column']}: the final round's kNN top-1 on a "
              "seeded 10% of the training images, never trained on); test numbers (final round, test "
              f"images, touched once per run) only for the chosen cells: {', '.join(sel['test_reported_for'])} "

@@ -14,6 +14,7 @@ import torch
 
 from fedssl.client.local_data import local_images
 from fedssl.common.datasets import load_images
+from fedssl.common.provenance import code_version
 from conftest import fast_config
 from fedssl.server.evaluation import GlobalEvaluator
 from fedssl.simulations import sweep_report
@@ -209,6 +210,9 @@ def test_a_killed_sweep_continues_without_rerunning_a_finished_run(small_image_f
     report = build_report(out)
     assert {row["cell"] for row in report["cells"]} == {"slow", "fast"}
     assert all(row["validation"]["n"] == 1 for row in report["cells"])
+    # each run recorded the code that made it, and both came from the same
+    assert json.loads(finished)["code"] == code_version()
+    assert list(report["code"].values()) == [["slow seed 0", "fast seed 0"]]
 
 
 def test_a_folder_holding_other_settings_is_refused_not_overwritten(small_image_folder, tmp_path):
@@ -218,6 +222,19 @@ def test_a_folder_holding_other_settings_is_refused_not_overwritten(small_image_
     other = spec.cell("slow").run_config(0, folder).replace(lr=0.3).to_mapping()
     (folder / "summary.json").write_text(json.dumps({"config": other, "final": {"round": 2}}))
     with pytest.raises(SpecError, match="lr=0.3 there, 0.01 here"):
+        run_sweep(spec, out, runner=lambda cell, cfg: pytest.fail("ran"), say=lambda line: None)
+
+
+def test_a_run_recorded_before_a_key_existed_is_refused_not_taken_as_finished(small_image_folder, tmp_path):
+    # Its behaviour then need not be today's default (predictor-lr-schedule: cosine then,
+    # constant now), so it cannot stand for a run with today's settings.
+    spec, out = load_spec(tiny_spec(tmp_path, small_image_folder)), tmp_path / "sweep"
+    folder = out / "slow" / "seed-0"
+    folder.mkdir(parents=True)
+    older = spec.cell("slow").run_config(0, folder).to_mapping()
+    del older["predictor-lr-schedule"]
+    (folder / "summary.json").write_text(json.dumps({"config": older, "final": {"round": 2}}))
+    with pytest.raises(SpecError, match="predictor-lr-schedule absent there"):
         run_sweep(spec, out, runner=lambda cell, cfg: pytest.fail("ran"), say=lambda line: None)
 
 
@@ -257,7 +274,8 @@ def test_the_seed_fixes_the_partitions_whatever_the_cell(image_folder, tmp_path)
 # --------------------------------------------------------------- no choice on test
 
 def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baseline: str,
-               digests: dict[tuple[str, int], str] | None = None) -> Path:
+               digests: dict[tuple[str, int], str] | None = None,
+               commits: dict[tuple[str, int], str] | None = None) -> Path:
     """A sweep folder as `fedssl sweep` leaves it: per cell and seed (validation, test)."""
     seeds = list(range(len(next(iter(scores.values())))))
     manifest = {"command": "fedssl sweep s.toml --out x", "seeds": seeds, "baseline": baseline,
@@ -273,7 +291,8 @@ def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baselin
             rows = [{"round": 0, "val_knn_top1": 0.1}, {"round": 1, "val_knn_top1": val - 0.01},
                     {"round": 2, "val_knn_top1": val, "knn_top1": test, "probe_top1": test}]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (folder / "summary.json").write_text(json.dumps({"final": rows[-1], "seconds": 60.0}))
+            code = {"fedssl": "0.1", "commit": (commits or {}).get((cell, seed), "a" * 40), "modified": False}
+            (folder / "summary.json").write_text(json.dumps({"final": rows[-1], "seconds": 60.0, "code": code}))
             digest = (digests or {}).get((cell, seed), f"seed{seed}")
             (folder / "sweep-run.json").write_text(json.dumps({"partition_digest": digest}))
     return root
@@ -323,6 +342,15 @@ def test_the_report_says_when_a_seed_gave_other_partitions(tmp_path):
     rows = {row["cell"]: row for row in build_report(root)["cells"]}
     assert rows["a"]["partitions_vs_baseline"] == "same"
     assert rows["b"]["partitions_vs_baseline"] == "differ (seeds 1)"
+
+
+def test_the_report_names_the_commit_and_flags_runs_made_by_different_code(tmp_path):
+    same = sweep_report.markdown(build_report(fake_sweep(tmp_path / "same", SCORES, baseline="base")))
+    assert "Code: commit aaaaaaa (all 9 finished runs)." in same
+    mixed = build_report(fake_sweep(tmp_path / "mixed", SCORES, baseline="base", commits={("b", 2): "b" * 40}))
+    assert mixed["code"]["commit bbbbbbb"] == ["b seed 2"]
+    assert "**Runs made by different code**" in sweep_report.markdown(mixed)
+    assert "commit bbbbbbb: b seed 2" in sweep_report.markdown(mixed)
 
 
 def test_fedssl_plot_draws_a_sweep_with_bands(tmp_path, capsys):
