@@ -60,16 +60,14 @@ def _train_seed(seed: int, server_round: int, context: Context) -> int:
 
 
 def restore_local_state(method, store: Store, server_round: int, fresh: bool = False) -> bool:
-    """Load this node's local state (BYOL's target); rebuild it from the just-loaded global
-    model when the rule asks for it (`fresh`), or when it is missing or does not fit (a
-    restarted SuperNode, a resumed server, a changed method). Returns whether state a client
-    should have had was rebuilt."""
+    """Load this node's local state (BYOL's target); when the rule asks for it (`fresh`),
+    then re-derive its copies of the shared networks from the just-loaded global model
+    (`follow_global`: the target, not a site's own decoder or queue). Rebuild all of it when
+    it is missing or does not fit (a restarted SuperNode, a resumed server, a changed
+    method). Returns whether state a client should have had was rebuilt."""
     expected = method.local_state()
     if not expected:
         return False  # this method keeps nothing locally
-    if fresh:
-        method.init_local()
-        return False
     state = store.get(LOCAL_STATE_KEY)
     problem = "none kept" if state is None else None
     if problem is None:
@@ -81,6 +79,8 @@ def restore_local_state(method, store: Store, server_round: int, fresh: bool = F
             problem = "its shapes differ from the method's"
         else:
             method.load_partial(state)
+            if fresh:
+                method.follow_global()
             return False
     method.init_local()
     if server_round == 1:
@@ -122,7 +122,7 @@ def train_round(sent_config: Mapping, global_arrays: ArrayRecord, context: Conte
     method = built_method(cfg)
     store = state_store(context, cfg.client_state_dir)
     rule, decided_by, started_from = enter_global(cfg, method, global_arrays, context, store, server_round)
-    rebuilt = restore_local_state(method, store, server_round, fresh=rule.resets_local_state(decided_by))
+    rebuilt = restore_local_state(method, store, server_round, fresh=rule.follows_global(decided_by))
 
     # BYOL's momentum (and any schedule) runs over the whole run's steps, counted from the
     # round number, so a client that skips rounds stays on the global schedule.

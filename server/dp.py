@@ -23,6 +23,9 @@ What changes from Flower's wrappers, and why:
 - BatchNorm statistics are not released: the sites send back the ones they received
   (client/privacy.py) and the global ones are kept as sent, neither averaged nor noised; the
   server estimates statistics for evaluation from its own images (batchnorm_statistics_from).
+- Parameters no site trains (a ViT's fixed sine-cosine position embeddings) are kept as sent
+  too: they come back unchanged from every site and carry no data, and noise on them would
+  pile up round after round, as nothing pulls them back.
 - Nothing else of the sites is released: the rule's aggregated metrics and the per-site
   numbers in its round record are withheld (WITHHELD_STATS).
 - Adaptive clipping adds the noise with the norm the sites clipped to this round, then
@@ -49,6 +52,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from fedssl.common.augment import normalize
 from fedssl.common.config import ConfigError, RunConfig
+from fedssl.common.methods import build_method
 from fedssl.server.accounting import epsilon_spent
 from fedssl.server.round_record import RoundRecord
 from fedssl.server.strategies.running_stats import statistics_keys
@@ -83,6 +87,15 @@ def check(cfg: RunConfig, fedavg_means: list[str]) -> None:
         dtype_reason="rounding a clipped update to a narrower float could raise its norm above dp-clip-norm")
 
 
+def untrained_keys(cfg: RunConfig) -> frozenset[str]:
+    """The shared parameters of the run's method that no site trains (requires_grad off: a
+    ViT's fixed position embeddings), under every name the state dict sends them."""
+    method = build_method(cfg)
+    shared = method.shared_state()
+    return frozenset(name for name, p in method.named_parameters(remove_duplicate=False)
+                     if name in shared and not p.requires_grad)
+
+
 def _with_unit_weight(reply: Message) -> Message:
     if not reply.has_error() and len(reply.content.metric_records) == 1:
         next(iter(reply.content.metric_records.values()))[UNIT_WEIGHT] = 1
@@ -99,7 +112,8 @@ class PrivateRounds:
         self.delta = cfg.dp_delta
         self.sampling_rate = cfg.fraction_train
         self.releases = 0
-        self.statistics = statistics_keys(cfg)
+        # released as they were sent: statistics (withheld) and untrained parameters (no data)
+        self.as_sent = statistics_keys(cfg) | untrained_keys(cfg)
         self._sent: ArrayRecord | None = None
         self._sampled = 0
         self.noise_rng = np.random.default_rng()  # OS entropy; not in any checkpoint
@@ -168,7 +182,7 @@ class PrivateRounds:
         out = {}
         for key, value in mean.items():
             sent = self._sent[key]
-            if key in self.statistics:
+            if key in self.as_sent:
                 out[key] = sent
             elif accepted == self._sampled:
                 out[key] = value
@@ -183,7 +197,7 @@ class PrivateRounds:
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
         out = {}
         for key, value in aggregated.items():
-            if key not in self.statistics:
+            if key not in self.as_sent:
                 array = value.numpy()
                 value = Array(np.asarray(array + self.noise_rng.normal(0.0, std, array.shape).astype(array.dtype)))
             out[key] = value

@@ -171,8 +171,8 @@ def test_fedema_global_branch_rebuilds_byols_target_from_the_global_model(small_
     from fedssl.client.app import LOCAL_STATE_KEY, restore_local_state
 
     rule = rule_for("fedema")
-    assert rule.resets_local_state({"ema": 0.0}) and not rule.resets_local_state({"ema": 1.0})
-    assert not rule_for("fedavg").resets_local_state({})
+    assert rule.follows_global({"ema": 0.0}) and not rule.follows_global({"ema": 1.0})
+    assert not rule_for("fedavg").follows_global({})
     method = build_method(fast_config(small_image_folder, tmp_path, strategy="fedema"))
     own_target = {k: torch.randn_like(v) if v.is_floating_point() else v
                   for k, v in method.local_state().items()}
@@ -183,3 +183,29 @@ def test_fedema_global_branch_rebuilds_byols_target_from_the_global_model(small_
         online = method.encoder.state_dict()
         took_online = all(torch.equal(target[k], online[k]) for k in online)
         assert took_online == fresh
+
+
+@pytest.mark.parametrize("method, own, copy", [
+    ("mocov2", ("queue",), ("key_encoder.", "key_projector.")),
+    ("mae", ("decoder.",), ()),
+])
+def test_fedema_global_branch_keeps_local_state_that_is_no_copy_of_the_global_model(
+        small_image_folder, tmp_path, method, own, copy):
+    # MoCo's queue and a site's own MAE decoder are not copies of a shared network: the
+    # global branch re-derives the key encoder and must keep them (it used to re-randomise
+    # the decoder a site had trained, whenever it skipped a round).
+    from fedssl.client.app import LOCAL_STATE_KEY, restore_local_state
+
+    cfg = fast_config(small_image_folder, tmp_path, strategy="fedema", method=method, mae_share_decoder=False,
+                      image_size=32)
+    built = build_method(cfg)
+    kept = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in built.local_state().items()}
+    restore_local_state(built, {LOCAL_STATE_KEY: kept}, server_round=3, fresh=True)
+    local, shared = built.local_state(), built.state_dict()
+    assert any(k.startswith(own) for k in kept)
+    for k in kept:
+        if k.startswith(own):
+            assert torch.equal(local[k], kept[k]), k
+        elif k.startswith(copy):
+            online = k.replace("key_", "", 1)
+            assert torch.equal(local[k], shared[online]), k

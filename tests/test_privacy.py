@@ -167,6 +167,19 @@ def test_dp_replies_release_no_batchnorm_statistics_and_the_global_ones_stay_val
         assert arrays[key].numpy().dtype == sent[key].numpy().dtype
 
 
+def test_dp_leaves_parameters_no_site_trains_as_sent_and_noises_the_others(small_image_folder, tmp_path):
+    # A ViT's sine-cosine position embeddings are fixed: noise on them would pile up round
+    # after round, as nothing trains them back.
+    cfg = fast_config(small_image_folder, tmp_path, method="mae", image_size=32, dp="fixed", dp_clip_norm=1.0,
+                      dp_noise_multiplier=1.0, **DP)
+    _, sent, replies, arrays = one_dp_round(cfg)
+    fixed = [k for k in sent.keys() if k.endswith("pos_embedding")]
+    assert fixed and all(not r.has_error() for r in replies)
+    for key in fixed:
+        assert np.array_equal(arrays[key].numpy(), sent[key].numpy()), key
+    assert not np.allclose(arrays["encoder.class_token"].numpy(), sent["encoder.class_token"].numpy())
+
+
 def test_adaptive_clipping_grows_the_norm_when_sites_are_clipped_counting_over_the_sampled(small_image_folder, tmp_path):
     # Every site is clipped at 0.05; count noise ~0. Andrew et al.: fraction not clipped, the
     # bits centred (+-1/2) with the failed site adding 0, over the 3 sampled: (2 x -1/2) / 3

@@ -55,9 +55,10 @@ class Rule:
     # Whether the client must keep its shared arrays after training for the next round;
     # rules that never look at them spare every node a copy of the model.
     keeps_previous: bool = False
-    # Whether, given the numbers `update` decided by, the client rebuilds its local state
-    # (BYOL's target) from the global model instead of restoring its own.
-    resets_local_state: Callable[[dict[str, float]], bool] = lambda decided_by: False
+    # Whether, given the numbers `update` decided by, the client re-derives its local copies
+    # of the shared networks (BYOL's target) from the global model (`follow_global`) after
+    # restoring its local state.
+    follows_global: Callable[[dict[str, float]], bool] = lambda decided_by: False
 
     def apply(self, cfg: RunConfig, method, incoming: State, kept: State | None, memo: dict,
               server_round: int) -> dict[str, float]:
@@ -85,7 +86,7 @@ class Rule:
 
 RULES: dict[str, Rule] = {
     "fedu": Rule(fedu.update, keeps_previous=True),
-    "fedema": Rule(fedema.update, keeps_previous=True, resets_local_state=fedema.took_global),
+    "fedema": Rule(fedema.update, keeps_previous=True, follows_global=fedema.took_global),
 }
 
 

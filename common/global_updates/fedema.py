@@ -25,9 +25,11 @@ As in the authors' code:
   authors' predictor keeps the client's own statistics when mu > 0.5, a side effect of
   which of the two modules their EMA writes into; here the predictor's are global too.)
 
-In its global branch the client also rebuilds its local state (BYOL's target) from the
-global model, as the authors' client resets its target to the global online encoder there
-(`took_global`, read by client/app.py through the rule's `resets_local_state`).
+In its global branch the client also re-derives its copies of the shared networks (BYOL's
+target, MoCo's key encoder, DINO's teacher) from the global model, as the authors' client
+resets its target to the global online encoder there (`took_global`, read by client/app.py
+through the rule's `follows_global`); local state that is no such copy (MoCo's queue,
+DINO's centre, MAE's local decoder) stays the site's own.
 
 Reported, the same names every round: `ema` (1 for the EMA, 0 for the global model), the
 last training's `divergence`, `mu` (0 in the global branch, which is the EMA with mu = 0) and

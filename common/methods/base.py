@@ -59,6 +59,14 @@ class SSLMethod(nn.Module):
     def init_local(self) -> None:
         """Build local state from the shared networks, for a client that has none yet."""
 
+    def follow_global(self) -> None:
+        """Re-derive the local copies of the shared networks (a target, teacher or key
+        encoder) from the global model just loaded, keeping local state that is no such copy
+        (a queue, a centre, a site's own decoder). FedEMA's global branch calls it, where the
+        authors' client resets its target to the global online network. By default all local
+        state is such a copy."""
+        self.init_local()
+
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(self.shared_prefixes)}
 

@@ -167,10 +167,14 @@ class DINO(SSLMethod):
         ema_(*self._pairs(), cosine(progress, self.base_tau, 1.0))
 
     @torch.no_grad()
-    def init_local(self) -> None:
+    def follow_global(self) -> None:
         self.teacher_encoder.load_state_dict(self.encoder.state_dict())
         self.teacher_projector.load_state_dict(self.projector.state_dict())
         self.teacher_last_layer.load_state_dict(self.last_layer.state_dict())
+        self._teacher_outputs = None
+
+    @torch.no_grad()
+    def init_local(self) -> None:
+        self.follow_global()
         if not "center".startswith(self.shared_prefixes):
             self.center.zero_()  # a shared centre has just come from the server
-        self._teacher_outputs = None

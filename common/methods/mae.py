@@ -168,6 +168,9 @@ class MAE(SSLMethod):
         keep, masked = random_masking(len(images), patches, self.mask_ratio, images.device)
         return self.loss(images, keep, masked)
 
+    def follow_global(self) -> None:
+        """A local decoder is the site's own, not a copy of a shared network: kept."""
+
     @torch.no_grad()
     def init_local(self) -> None:
         if "decoder." not in self.shared_prefixes:

@@ -143,12 +143,16 @@ class MoCoV2(SSLMethod):
         ema_(key, query, self.tau)
 
     @torch.no_grad()
-    def init_local(self) -> None:
+    def follow_global(self) -> None:
         self.key_encoder.load_state_dict(self.encoder.state_dict())
         self.key_projector.load_state_dict(self.projector.state_dict())
+        self._keys = None
+
+    @torch.no_grad()
+    def init_local(self) -> None:
+        self.follow_global()
         # Seeded, so reruns repeat: the client calls this without a seed, and the global RNG
         # differs between processes. Random unit vectors are negatives that carry no data.
         generator = torch.Generator().manual_seed(QUEUE_SEED)
         self.queue.copy_(F.normalize(torch.randn(self.queue.shape, generator=generator), dim=-1))
         self.queue_ptr.zero_()
-        self._keys = None
