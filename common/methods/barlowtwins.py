@@ -8,18 +8,20 @@ BatchNorm in training mode, biased variance, eps 1e-5), C = Z^T Z' / n and
     L = sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2.
 The diagonal makes the views' embeddings agree; the off-diagonal term decorrelates the
 dimensions, so they carry no redundant information. lambda = 0.0051, the authors' code
-default and solo-learn's CIFAR setting (scripts/pretrain/cifar/barlow.yaml); the paper's
+default and solo-learn's (its BarlowTwins method's default, which its CIFAR setting,
+scripts/pretrain/cifar/barlow.yaml, does not override); the paper's
 text rounds it to 5e-3, lightly's BarlowTwinsLoss default. solo-learn's CIFAR setting also
 scales the loss by 0.1 (`scale_loss`), under LARS, whose per-layer normalised step makes
-that scale matter far less than under SGD; with fedssl's plain SGD a scale would be a
-learning-rate change, so the loss is the paper's, unscaled. The standardisation is the
+that scale matter far less than under SGD; with fedssl's plain SGD and weight decay a scale
+s would equal lr x s with weight decay / s, so the loss is the paper's, unscaled. The standardisation is the
 functional one, as lightly's: the authors' BatchNorm1d module also keeps running
 statistics that nothing reads, which here would be state to ship to the server for nothing.
 
 Projector: the paper's is three layers of 8192 on ResNet-50's 2048 features (it finds
-accuracy still rising with the output width); here the same three-layer shape
-(common/heads.py's `expander`) at the run's sizes, feature dim -> hidden-dim -> hidden-dim
--> proj-dim (512 -> 1024 -> 1024 -> 256 with resnet10 at the defaults), for the reason
+accuracy still rising with the output width); here three layers (common/heads.py's
+`expander`) at the run's sizes, feature dim -> hidden-dim -> hidden-dim -> proj-dim (512 ->
+1024 -> 1024 -> 256 with resnet10 at the defaults; an output narrower than the hidden
+layers, unlike the paper's and solo-learn's, which --proj-dim = --hidden-dim restores), for the reason
 common/methods/vicreg.py gives: at 32 px on a CPU a batch is 64 images, solo-learn's CIFAR
 setting already shrinks it to 2048-2048, and a wider one is --proj-dim / --hidden-dim away
 (this default was not measured against a wider one). lambda was set for the paper's
@@ -31,7 +33,10 @@ Augmentation: the paper's ("we use the same augmentation parameters as BYOL"; th
 main.py Transform), asymmetric between the views: crop scale (0.08, 1), flip 0.5, jitter
 p 0.8 (0.4, 0.4, 0.2, 0.1), grayscale 0.2, blur 1.0 / 0.1, solarize 0.0 / 0.2. solo-learn's
 CIFAR setting (augmentations/asymmetric.yaml) keeps it at 32 px without the blur, which is
-what fedssl's `blur` key (default off) gives.
+what fedssl's `blur` key (default off) gives, but crops from 0.08; fedssl's crop-min-scale
+(default 0.2) replaces the lower bound as for every method, so its views crop from 0.2.
+Optimiser: plain SGD with weight decay on every parameter (common/training.py), where the
+authors use LARS, weight decay 1.5e-6 and a 40x smaller rate for biases and BatchNorm.
 
 Federated design: everything is shared (encoder and projector, prefixes "encoder." and
 "projector."), nothing stays at the site, for the reasons common/methods/vicreg.py gives
@@ -49,8 +54,8 @@ correlation, and in the short runs measured (batch 4 and 16, 3 seeds each; batch
 one) it stayed finite and fell. solo-learn's 0.1 scale is the knob a measured comparison
 may want.
 
-Both views go through the encoder as one batch (one pass, as the other methods here), so
-its BatchNorm layers normalise over the 2N views; the authors' code passes each view
+Both views go through the encoder and projector as one batch (one pass, as the other methods here), so
+their BatchNorm layers normalise over the 2N views; the authors' code passes each view
 separately. The standardisation in the loss is per view, as the paper's.
 """
 from __future__ import annotations

@@ -16,10 +16,12 @@ changes nothing). The teacher's parameters follow the student's by EMA with a mo
 that a cosine raises from --dino-tau to 1 over the whole run (the paper's schedule, as
 BYOL's, common/schedules.py), after every step.
 
-Settings: tau_s 0.1, tau_t 0.04, centre momentum 0.9: the paper's and its code's defaults.
-The teacher temperature is constant at 0.04, main_dino.py's default (--warmup_teacher_temp
-and --teacher_temp both 0.04, --warmup_teacher_temp_epochs 0); the paper's linear warm-up is
-for runs that raise it toward 0.07, which the code's help calls the limit of stability. Out dim
+Settings: tau_s 0.1, tau_t 0.04, centre momentum 0.9: main_dino.py's defaults. The teacher
+temperature is constant at 0.04 (--warmup_teacher_temp and --teacher_temp both 0.04,
+--warmup_teacher_temp_epochs 0, as its ResNet-50 command keeps them); the paper's ViT
+setting (the authors' README, VISSL) and solo-learn's CIFAR one warm it up linearly from
+0.04 to 0.07 (over 30 and 50 epochs), which fedssl does not: --dino-teacher-temperature
+0.07 would start hot, which DINOLoss's help calls unstable. Out dim
 K = 4096 (--dino-out-dim) instead of the paper's 65,536: solo-learn's CIFAR setting
 (scripts/pretrain/cifar/dino.yaml, ResNet-18, 4096 "prototypes", bottleneck 256); a CIFAR
 training set has 50,000 images against ImageNet's 1.28 M, about 12 images per output at
@@ -44,13 +46,18 @@ out of scope. Augmentation: the authors' DataAugmentationDINO for the two global
 flip 0.5, jitter p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale
 0.2, blur 1.0 / 0.1, solarize 0.0 / 0.2, at the crop scale the code recommends when
 multi-crop is off (--global_crops_scale 0.14 1; crop-min-scale, default 0.2, replaces the
-lower bound as for every method). At 32 px fedssl's `blur` (default off) drops the blur.
+lower bound as for every method, so 0.2 by default). fedssl's `blur` (default off) drops
+the blur at any size; the two views then differ by solarize alone.
 
 Where fedssl's DINO differs from the authors' code, besides multi-crop and sizes: no
 freezing of the last layer during the first epoch (--freeze_last_layer 1) and no gradient
 clipping (--clip_grad 3.0): the client's training loop (common/training.py) is the same
 for every method and has neither; plain SGD with the run's cosine learning rate, weight
-decay and momentum instead of AdamW / LARS with their schedules.
+decay (on every parameter: the authors exempt biases and 1-D parameters) and momentum
+instead of AdamW / LARS with their schedules.
+
+Evaluated and exported: the averaged student (the teacher stays at the sites), where the
+authors evaluate the teacher (eval_knn.py's --checkpoint_key "teacher").
 
 Federated design: the student is shared (backbone, head and last layer: prefixes
 "encoder.", "projector.", "last_layer."); the teacher and the centre stay at the site. The

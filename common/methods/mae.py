@@ -44,7 +44,9 @@ encoder and starts over at its first round; one seed, not an established differe
 is the default: one decoder that every site's reconstruction trains, so the averaged encoder
 is trained against one decoder, for 0.44 M more values each way a round (8% of vit_tiny's
 5.36 M). A local decoder starts from the same seeded weights at every site and is rebuilt to
-them when a site has none (`init_local`), and never leaves the site. Nothing else is kept:
+them when a site has none (`init_local`), and never leaves the site; FedEMA's global branch,
+which re-derives a site's copies of the shared networks, keeps it (`follow_global`).
+Under DP its fixed position embeddings, like the encoder's, are released as sent (server/dp.py). Nothing else is kept:
 the masks are drawn afresh every step (from the generator common/training.py seeds per
 round).
 

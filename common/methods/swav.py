@@ -15,7 +15,12 @@ to 1/K and columns (samples) to 1/B; each sample's code sums to 1. tau 0.1, epsi
 setting, scripts/pretrain/cifar/swav.yaml, keeps them).
 
 Prototypes: K = 3000 (--swav-prototypes), the paper's and solo-learn's CIFAR setting (the
-paper reports little sensitivity to K as long as there are enough). Projector (common/heads.py's
+paper reports little sensitivity to K as long as there are enough). Both give Sinkhorn more
+samples than prototypes (batch 256 and a 3,840-embedding queue); here it sees the 64 of a
+batch, and the equipartition then spreads each code over about K / B = 47 prototypes (a
+numpy check on made-up scores, each sample near one prototype: a code's perplexity about
+800 at B = 64, 16 at B = 3,900, 52 with K = 300). Whether fewer prototypes or a queue
+within a round learns more at this batch is not measured yet (issue 19). Projector (common/heads.py's
 `mlp`, Linear-BN-ReLU-Linear, as the authors' projection head) at the run's sizes,
 feature dim -> hidden-dim (1024) -> proj-dim (256; the paper's is 2048 -> 128).
 
@@ -33,8 +38,8 @@ Augmentation: the authors' src/multicropdataset.py, the same for both views: fli
 colour distortion of strength 1 (jitter p 0.8: brightness, contrast, saturation 0.8, hue
 0.2), grayscale 0.2, gaussian blur 0.5, no solarize, at the crop scale of the authors' two-view
 script (scripts/swav_400ep_2x224_pretrain.sh: --min_scale_crops 0.08); crop-min-scale
-(default 0.2) replaces the lower bound as for every method, and fedssl's `blur` (default
-off) drops the blur at 32 px.
+(default 0.2) replaces the lower bound as for every method, so 0.2 by default, and fedssl's
+`blur` (default off) drops the blur at any size.
 
 Where fedssl's SwAV differs from the authors' code, besides multi-crop, the queue and the
 sizes: the prototypes are not frozen during the first iterations (--freeze_prototypes_niters

@@ -14,12 +14,15 @@ The paper's coefficients, kept at every scale: lambda = 25, mu = 25, nu = 1, gam
 eps = 1e-4 (solo-learn's CIFAR setting, scripts/pretrain/cifar/vicreg.yaml, keeps the same
 25 / 25 / 1). The paper writes the variance term without the halving; its code (and
 lightly's VICRegLoss, which the tests match) halves it, and that is what trained the
-paper's models.
+paper's models. Its invariance term likewise is a mean over the n x d entries (F.mse_loss),
+where the paper's eq. 5 divides the sum by n only: a factor d, also the code's.
 
-Expander: the paper's is three layers of 8192 on ResNet-50's 2048 features; here the same
-three-layer shape (common/heads.py's `expander`) at the run's sizes, feature dim ->
-hidden-dim -> hidden-dim -> proj-dim (512 -> 1024 -> 1024 -> 256 with resnet10 at the
-defaults). At 32 px on a CPU a batch is 64 images, so a 8192 x 8192 covariance would be
+Expander: the paper's is three layers of 8192 on ResNet-50's 2048 features; here three
+layers (common/heads.py's `expander`) at the run's sizes, feature dim -> hidden-dim ->
+hidden-dim -> proj-dim (512 -> 1024 -> 1024 -> 256 with resnet10 at the defaults). The
+output narrower than the hidden layers is a departure: the authors' (8192 x 3) and
+solo-learn's (2048 x 2) keep the output as wide as the hidden layers, and both decorrelation
+terms act on the output's width; --proj-dim equal to --hidden-dim restores the shape. At 32 px on a CPU a batch is 64 images, so a 8192 x 8192 covariance would be
 estimated from 64 samples (rank 63), and the paper's expander would cost twice resnet10's
 encoder (138 M against 63 M multiply-adds an image at 32 px; at the run's sizes, 1.8 M);
 solo-learn's CIFAR setting shrinks it to 2048-2048 on ResNet-18's 512 features. The paper
@@ -57,9 +60,15 @@ and at batch 8 and 12 in 1 of 3; finite at batch 4 with lr 0.01 and 0.02, and at
 defaults (32 px, batch 64, heads 1024 / 256, 32 steps). Its first gradient is about 3x
 BYOL's at the defaults. Small batches (a small site) want a lower --lr.
 
-Both views go through the encoder as one batch (one pass, as the other methods here), so
-its BatchNorm layers normalise over the 2N views; the authors' code passes each view
-separately. The loss terms themselves are per view, as the paper's.
+Small sites: a site with fewer images than a batch trains on batches of its size, the NaN
+regime above at the default lr; nothing prevents it (no clipping, no warm-up). Screening
+rejects the NaN reply (the site's round is lost, the run goes on); lower --lr for such
+splits. Weight decay (--weight-decay, 5e-4) applies to every parameter; the authors use
+1e-6 and exempt biases and 1-D parameters, and scale lr with the batch (base x B / 256).
+
+Both views go through the encoder and the expander as one batch (one pass, as the other
+methods here), so their BatchNorm layers normalise over the 2N views; the authors' code
+passes each view separately. The loss terms themselves are per view, as the paper's.
 """
 from __future__ import annotations
 
