@@ -102,6 +102,12 @@ def test_patchify_and_masking_are_lightlys():
     assert len({tuple(sorted(k.tolist())) for k in keep}) == 5  # a different subset per sample
 
 
+@pytest.mark.parametrize("ratio, kept", [(1e-17, 63), (0.999, 1), (0.75, 16)])
+def test_masking_always_hides_one_patch_and_shows_one(ratio, kept):
+    keep, masked = random_masking(2, 64, ratio)
+    assert keep.shape == (2, kept) and masked.shape == (2, 64 - kept)
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_mae_loss_matches_lightlys_mae_on_the_same_inputs(share):
     """lightly's torchvision MAE pieces (MaskedVisionTransformerTorchvision, MAEDecoder,

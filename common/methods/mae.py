@@ -50,6 +50,11 @@ Under DP its fixed position embeddings, like the encoder's, are released as sent
 the masks are drawn afresh every step (from the generator common/training.py seeds per
 round).
 
+Where else it departs from the authors' code: the decoder's linear layers keep PyTorch's
+default initialisation and the encoder torchvision's (MAE: Xavier-uniform, zero biases,
+normal(0.02) tokens); crops are resampled bilinearly (MAE: bicubic); crop-min-scale replaces
+the recipe's lower bound as for every method (its default 0.2 is MAE's).
+
 Optimiser: the paper trains with AdamW (lr 1.5e-4 x batch/256, betas 0.9/0.95, weight
 decay 0.05, 40 warm-up epochs); fedssl's clients use SGD with momentum at the run's `lr`
 (common/training.py), one optimiser for every method. Under it MAE learns at the run's
@@ -81,8 +86,10 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 def random_masking(batch: int, patches: int, ratio: float,
                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep [B, K], masked [B, N - K]) patch indices, a different random subset per sample:
-    the order of uniform noise (MAE's per-sample shuffling). K = int(N (1 - ratio)), at least 1."""
-    keep = max(int(patches * (1 - ratio)), 1)
+    the order of uniform noise (MAE's per-sample shuffling). K = int(N (1 - ratio)), kept
+    within 1..N-1: a ratio near 0 or 1 still hides one patch and shows one (none hidden
+    would leave the loss a mean over nothing: NaN)."""
+    keep = min(max(int(patches * (1 - ratio)), 1), patches - 1)
     order = torch.rand(batch, patches, device=device).argsort(dim=1)
     return order[:, :keep], order[:, keep:]
 
