@@ -128,7 +128,7 @@ def throughput(args) -> dict:
             for _ in range(args.repeats):  # interleaved: load from elsewhere hits all alike
                 for name, run in runs.items():
                     best[name] = max(best.get(name, 0.0), run(images).images_per_second)
-            results.append({"encoder": encoder, "method": method, "image size": args.image_size,
+            results.append({"encoder": cfg.resolved_encoder, "method": method, "image size": args.image_size,
                             **{f"{k} images/s": round(v, 1) for k, v in best.items()}})
             if "fedssl" in best and "lightly" in best:
                 results[-1]["x lightly"] = round(best["fedssl"] / best["lightly"], 2)
