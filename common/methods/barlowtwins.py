@@ -9,25 +9,25 @@ BatchNorm in training mode, biased variance, eps 1e-5), C = Z^T Z' / n and
 The diagonal makes the views' embeddings agree; the off-diagonal term decorrelates the
 dimensions, so they carry no redundant information. lambda = 0.0051, the authors' code
 default and solo-learn's (its BarlowTwins method's default, which its CIFAR setting,
-scripts/pretrain/cifar/barlow.yaml, does not override); the paper's
-text rounds it to 5e-3, lightly's BarlowTwinsLoss default. solo-learn's CIFAR setting also
-scales the loss by 0.1 (`scale_loss`), under LARS, whose per-layer normalised step makes
-that scale matter far less than under SGD; with fedssl's plain SGD and weight decay a scale
-s would equal lr x s with weight decay / s, so the loss is the paper's, unscaled. The standardisation is the
-functional one, as lightly's: the authors' BatchNorm1d module also keeps running
-statistics that nothing reads, which here would be state to ship to the server for nothing.
+scripts/pretrain/cifar/barlow.yaml, does not override); the paper's text rounds it to 5e-3,
+lightly's BarlowTwinsLoss default. solo-learn's CIFAR setting also scales the loss by 0.1
+(`scale_loss`), under LARS, whose per-layer normalised step makes that scale matter far less
+than under SGD; with fedssl's plain SGD and weight decay a scale s would equal lr x s with
+weight decay / s, so the loss is the paper's, unscaled. The standardisation is the
+functional one, as lightly's: the authors' BatchNorm1d module also keeps running statistics
+that nothing reads, which here would be state to ship to the server for nothing.
 
 Projector: the paper's is three layers of 8192 on ResNet-50's 2048 features (it finds
 accuracy still rising with the output width); here three layers (common/heads.py's
 `expander`) at the run's sizes, feature dim -> hidden-dim -> hidden-dim -> proj-dim (512 ->
 1024 -> 1024 -> 256 with resnet10 at the defaults; an output narrower than the hidden
-layers, unlike the paper's and solo-learn's, which --proj-dim = --hidden-dim restores), for the reason
-common/methods/vicreg.py gives: at 32 px on a CPU a batch is 64 images, solo-learn's CIFAR
-setting already shrinks it to 2048-2048, and a wider one is --proj-dim / --hidden-dim away
-(this default was not measured against a wider one). lambda was set for the paper's
-width, where the off-diagonal term has 8,191 entries per diagonal one; at d = 256 it has
-255, so the decorrelation weighs relatively less here; lambda was not retuned for that
-(solo-learn keeps 0.0051 at 2048). No config keys of its own.
+layers, unlike the paper's and solo-learn's, which --proj-dim = --hidden-dim restores), for
+the reason common/methods/vicreg.py gives: at 32 px on a CPU a batch is 64 images,
+solo-learn's CIFAR setting already shrinks it to 2048-2048, and a wider one is --proj-dim /
+--hidden-dim away (this default was not measured against a wider one). lambda was set for
+the paper's width, where the off-diagonal term has 8,191 entries per diagonal one; at d =
+256 it has 255, so the decorrelation weighs relatively less here; lambda was not retuned for
+that (solo-learn keeps 0.0051 at 2048). No config keys of its own.
 
 Augmentation: the paper's ("we use the same augmentation parameters as BYOL"; the authors'
 main.py Transform), asymmetric between the views: crop scale (0.08, 1), flip 0.5, jitter
@@ -54,10 +54,9 @@ correlation, and in the short runs measured (batch 4 and 16, 3 seeds each; batch
 one) it stayed finite and fell. solo-learn's 0.1 scale is the knob a measured comparison
 may want.
 
-Both views go through the encoder and projector as one batch (one pass, as the other methods here), so
-their BatchNorm layers normalise over the 2N views; the authors' code passes each view
-separately. The standardisation in the loss is per view, as the paper's.
-"""
+Both views go through the encoder and projector as one batch (one pass, as the other methods
+here), so their BatchNorm layers normalise over the 2N views; the authors' code passes each
+view separately. The standardisation in the loss is per view, as the paper's."""
 from __future__ import annotations
 
 import torch

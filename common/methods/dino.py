@@ -42,11 +42,11 @@ collapse telemetry reads (its std after L2 normalisation; the paper's own collap
 diagnostics, the teacher's entropy and KL to the student, need the local teacher).
 
 Views: two global views only; multi-crop (main_dino.py's default: 2 x 224 + 8 x 96 px) is
-out of scope. Augmentation: the authors' DataAugmentationDINO for the two global crops, asymmetric:
-flip 0.5, jitter p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale
-0.2, blur 1.0 / 0.1, solarize 0.0 / 0.2, at the crop scale the code recommends when
-multi-crop is off (--global_crops_scale 0.14 1; crop-min-scale, default 0.2, replaces the
-lower bound as for every method, so 0.2 by default). fedssl's `blur` (default off) drops
+out of scope. Augmentation: the authors' DataAugmentationDINO for the two global crops,
+asymmetric: flip 0.5, jitter p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1),
+grayscale 0.2, blur 1.0 / 0.1, solarize 0.0 / 0.2, at the crop scale the code recommends
+when multi-crop is off (--global_crops_scale 0.14 1; crop-min-scale, default 0.2, replaces
+the lower bound as for every method, so 0.2 by default). fedssl's `blur` (default off) drops
 the blur at any size; the two views then differ by solarize alone.
 
 Where fedssl's DINO differs from the authors' code, besides multi-crop and sizes: no

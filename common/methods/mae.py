@@ -45,10 +45,10 @@ is the default: one decoder that every site's reconstruction trains, so the aver
 is trained against one decoder, for 0.44 M more values each way a round (8% of vit_tiny's
 5.36 M). A local decoder starts from the same seeded weights at every site and is rebuilt to
 them when a site has none (`init_local`), and never leaves the site; FedEMA's global branch,
-which re-derives a site's copies of the shared networks, keeps it (`follow_global`).
-Under DP its fixed position embeddings, like the encoder's, are released as sent (server/dp.py). Nothing else is kept:
-the masks are drawn afresh every step (from the generator common/training.py seeds per
-round).
+which re-derives a site's copies of the shared networks, keeps it (`follow_global`). Under
+DP its fixed position embeddings, like the encoder's, are released as sent (server/dp.py).
+Nothing else is kept: the masks are drawn afresh every step (from the generator
+common/training.py seeds per round).
 
 Where else it departs from the authors' code: the decoder's linear layers keep PyTorch's
 default initialisation and the encoder torchvision's (MAE: Xavier-uniform, zero biases,

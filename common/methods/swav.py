@@ -18,20 +18,20 @@ Prototypes: K = 3000 (--swav-prototypes), the paper's and solo-learn's CIFAR set
 paper reports little sensitivity to K as long as there are enough). Both give Sinkhorn more
 samples than prototypes (batch 256 and a 3,840-embedding queue); here it sees the 64 of a
 batch, and the equipartition then spreads each code over about K / B = 47 prototypes (a
-numpy check on made-up scores, each sample near one prototype: a code's perplexity about
-800 at B = 64, 16 at B = 3,900, 52 with K = 300). Whether fewer prototypes or a queue
-within a round learns more at this batch is not measured yet (issue 19). Projector (common/heads.py's
-`mlp`, Linear-BN-ReLU-Linear, as the authors' projection head) at the run's sizes,
-feature dim -> hidden-dim (1024) -> proj-dim (256; the paper's is 2048 -> 128).
+numpy check on made-up scores, each sample near one prototype: a code's perplexity about 800
+at B = 64, 16 at B = 3,900, 52 with K = 300). Whether fewer prototypes or a queue within a
+round learns more at this batch is not measured yet (issue 19). Projector (common/heads.py's
+`mlp`, Linear-BN-ReLU-Linear, as the authors' projection head) at the run's sizes, feature
+dim -> hidden-dim (1024) -> proj-dim (256; the paper's is 2048 -> 128).
 
 No queue. The authors add one when the batch is small (scripts/swav_200ep_bs256_pretrain.sh:
 3,840 embeddings of past batches, from epoch 15), so that Sinkhorn's equipartition is over
 more samples; their README warns that a queue started too early or too long "can
-considerably disturb training: this is because the queue members are too inconsistent". In a federated round every site starts
-from a global model that replaced its own, so embeddings from before the round are of a
-different model; a queue of one round's own embeddings would start empty each round. At
-batch 64 the codes are computed over the 64 samples of each view. Nothing but the weights
-is kept between steps.
+considerably disturb training: this is because the queue members are too inconsistent". In a
+federated round every site starts from a global model that replaced its own, so embeddings
+from before the round are of a different model; a queue of one round's own embeddings would
+start empty each round. At batch 64 the codes are computed over the 64 samples of each view.
+Nothing but the weights is kept between steps.
 
 Views: two only; multi-crop (the paper's 2 x 224 + 6 x 96 px) is out of scope.
 Augmentation: the authors' src/multicropdataset.py, the same for both views: flip 0.5,

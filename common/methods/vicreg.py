@@ -22,15 +22,16 @@ layers (common/heads.py's `expander`) at the run's sizes, feature dim -> hidden-
 hidden-dim -> proj-dim (512 -> 1024 -> 1024 -> 256 with resnet10 at the defaults). The
 output narrower than the hidden layers is a departure: the authors' (8192 x 3) and
 solo-learn's (2048 x 2) keep the output as wide as the hidden layers, and both decorrelation
-terms act on the output's width; --proj-dim equal to --hidden-dim restores the shape. At 32 px on a CPU a batch is 64 images, so a 8192 x 8192 covariance would be
-estimated from 64 samples (rank 63), and the paper's expander would cost twice resnet10's
-encoder (138 M against 63 M multiply-adds an image at 32 px; at the run's sizes, 1.8 M);
-solo-learn's CIFAR setting shrinks it to 2048-2048 on ResNet-18's 512 features. The paper
-finds accuracy rising with the expander's width at ImageNet scale (Garrido et al., ICLR
-2023, "On the duality between contrastive and non-contrastive SSL", find small output
-dimensions lose little once tuned), so a run with compute to spare can raise --proj-dim
-and --hidden-dim; this default was not measured against a wider one. No config keys of its
-own: the coefficients are the paper's and the head sizes the run's.
+terms act on the output's width; --proj-dim equal to --hidden-dim restores the shape. At 32
+px on a CPU a batch is 64 images, so a 8192 x 8192 covariance would be estimated from 64
+samples (rank 63), and the paper's expander would cost twice resnet10's encoder (138 M
+against 63 M multiply-adds an image at 32 px; at the run's sizes, 1.8 M); solo-learn's CIFAR
+setting shrinks it to 2048-2048 on ResNet-18's 512 features. The paper finds accuracy rising
+with the expander's width at ImageNet scale (Garrido et al., ICLR 2023, "On the duality
+between contrastive and non-contrastive SSL", find small output dimensions lose little once
+tuned), so a run with compute to spare can raise --proj-dim and --hidden-dim; this default
+was not measured against a wider one. No config keys of its own: the coefficients are the
+paper's and the head sizes the run's.
 
 Augmentation: the authors' code (augmentations.py, TrainTransform), which is BYOL's,
 asymmetric between the views: crop scale (0.08, 1), flip 0.5, jitter p 0.8 (0.4, 0.4,
