@@ -5,7 +5,9 @@ Per cell: the mean of the final round's validation kNN top-1 over its seeds with
 Student t-interval (mean +- t(0.975, n-1) s / sqrt(n)), and the paired difference to the
 baseline cell: the same interval over the per-seed differences, seed by seed (a seed fixes
 the partitions, which the report checks from the fingerprint each run records, the initial
-model and the client sampling), with whether it excludes 0.
+model and the client sampling), with whether it excludes 0. And each cell's gain: its final
+validation kNN top-1 less the same run's round 0 (the untrained model's), the same interval
+over seeds, so that "this cell learns at this scale" is a claim with an interval too.
 
 No choice on test: cells are ranked, and the best one chosen, by the validation column
 alone, before any test number is read; the test columns (the final row's kNN top-1 and
@@ -117,6 +119,7 @@ class RunView:
     """What the report knows of a run before the choice: validation numbers only."""
     status: str                       # done, failed or missing
     validation: float | None = None   # the final row's validation kNN top-1
+    start: float | None = None        # round 0's: the untrained model's
     curve: tuple[tuple[int, float], ...] = ()
     seconds: float | None = None
     digest: str | None = None
@@ -152,8 +155,9 @@ def read_validation(folder: Path) -> RunView:
         return RunView("missing", curve=curve, digest=digest)
     final_round = (summary.get("final") or {}).get("round")
     value = curve[-1][1] if curve[-1][0] == final_round else None
-    return RunView("done" if value is not None else "missing", value, curve, summary.get("seconds"), digest,
-                   code=describe(summary.get("code")))
+    start = curve[0][1] if curve[0][0] == 0 else None
+    return RunView("done" if value is not None else "missing", value, start, curve, summary.get("seconds"),
+                   digest, code=describe(summary.get("code")))
 
 
 def test_scores(folder: Path) -> dict[str, float | None]:
@@ -215,6 +219,8 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
     for name, cell_views in views.items():
         values = _values(cell_views)
         diff, seeds = paired(values, base_values)
+        gain = {s: v.validation - v.start for s, v in cell_views.items() if v.status == "done" and v.start is not None}
+        gain_interval = t_interval(gain.values())
         seconds = [v.seconds for v in cell_views.values() if v.status == "done" and v.seconds is not None]
         rows[name] = {
             "cell": name, "command": cells[name]["command"], "overrides": cells[name]["overrides"],
@@ -223,6 +229,8 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
             "missing": sorted(s for s, v in cell_views.items() if v.status == "missing"),
             "validation": {"per_seed": values, **asdict(t_interval(values.values()))},
             "validation_vs_baseline": {"seeds": seeds, **asdict(diff), "excludes_zero": diff.excludes_zero},
+            "gain_over_round_0": {"per_seed": gain, **asdict(gain_interval),
+                                  "excludes_zero": gain_interval.excludes_zero},
             "partitions_vs_baseline": _partitions(cell_views, views[baseline], seeds, cells[name]["command"]),
             "minutes_per_run": round(statistics.fmean(seconds) / 60, 2) if seconds else None,
         }
@@ -308,10 +316,11 @@ def markdown(report: Mapping[str, Any]) -> str:
              "seeded 10% of the training images, never trained on); test numbers (final round, test "
              f"images, touched once per run) only for the chosen cells: {', '.join(sel['test_reported_for'])} "
              f"(validation-best: {sel['best']}; baseline: {report['baseline']}). Differences in points.", "",
-             "| rank | cell | settings | seeds | val kNN top-1 [95% CI] | val diff vs baseline [95% CI] "
-             "| excludes 0 | test kNN top-1 [95% CI] | test diff vs baseline [95% CI] | excludes 0 "
-             "| test probe [95% CI] | partitions vs baseline | min/run |",
-             "| --- " * 13 + "|"]
+             "| rank | cell | settings | seeds | val kNN top-1 [95% CI] | val gain over round 0 [95% CI] "
+             "| val diff vs baseline [95% CI] | excludes 0 | test kNN top-1 [95% CI] "
+             "| test diff vs baseline [95% CI] | excludes 0 | test probe [95% CI] | partitions vs baseline "
+             "| min/run |",
+             "| --- " * 14 + "|"]
     for row in report["cells"]:
         test = row.get("test")
         knn = test["knn_top1"] if test else {}
@@ -321,6 +330,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append(" | ".join([
             f"| {row['rank']}", f"**{row['cell']}**" if row["cell"] == sel["best"] else row["cell"],
             _settings(row), f"{len(row['seeds'])}{failed}{missing}", _score(row["validation"]),
+            _points(row["gain_over_round_0"]),
             "(baseline)" if is_base else _points(row["validation_vs_baseline"]),
             "" if is_base else _excludes(row["validation_vs_baseline"]),
             _score(knn) if test else "not chosen",
@@ -335,6 +345,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 CSV_FIELDS = ("rank", "cell", "command", "settings", "n", "seeds", "failed", "val_mean", "val_low", "val_high",
+              "gain_mean", "gain_low", "gain_high", "gain_excludes_zero",
               "val_diff_mean", "val_diff_low", "val_diff_high", "val_diff_excludes_zero", "chosen",
               "test_knn_mean", "test_knn_low", "test_knn_high", "test_knn_diff_mean", "test_knn_diff_low",
               "test_knn_diff_high", "test_knn_diff_excludes_zero", "test_probe_mean", "test_probe_low",
@@ -346,7 +357,7 @@ def csv_text(report: Mapping[str, Any]) -> str:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for row in report["cells"]:
-        val, diff = row["validation"], row["validation_vs_baseline"]
+        val, diff, gain = row["validation"], row["validation_vs_baseline"], row["gain_over_round_0"]
         test = row.get("test") or {}
         knn, probe = test.get("knn_top1", {}), test.get("probe_top1", {})
         kdiff = knn.get("vs_baseline", {})
@@ -354,6 +365,8 @@ def csv_text(report: Mapping[str, Any]) -> str:
             "rank": row["rank"], "cell": row["cell"], "command": row["command"], "settings": _settings(row),
             "n": val["n"], "seeds": " ".join(map(str, row["seeds"])), "failed": len(row["failed"]),
             "val_mean": val["mean"], "val_low": val["low"], "val_high": val["high"],
+            "gain_mean": gain["mean"], "gain_low": gain["low"], "gain_high": gain["high"],
+            "gain_excludes_zero": gain["excludes_zero"],
             "val_diff_mean": diff["mean"], "val_diff_low": diff["low"], "val_diff_high": diff["high"],
             "val_diff_excludes_zero": diff["excludes_zero"], "chosen": row["chosen"],
             "test_knn_mean": knn.get("mean"), "test_knn_low": knn.get("low"), "test_knn_high": knn.get("high"),

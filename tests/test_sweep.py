@@ -284,8 +284,10 @@ def test_the_seed_fixes_the_partitions_whatever_the_cell(image_folder, tmp_path)
 
 def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baseline: str,
                digests: dict[tuple[str, int], str] | None = None,
-               commits: dict[tuple[str, int], str] | None = None) -> Path:
-    """A sweep folder as `fedssl sweep` leaves it: per cell and seed (validation, test)."""
+               commits: dict[tuple[str, int], str] | None = None,
+               starts: dict[tuple[str, int], float] | None = None) -> Path:
+    """A sweep folder as `fedssl sweep` leaves it: per cell and seed (validation, test);
+    round 0's validation score is 0.1 unless `starts` gives it."""
     seeds = list(range(len(next(iter(scores.values())))))
     manifest = {"command": "fedssl sweep s.toml --out x", "seeds": seeds, "baseline": baseline,
                 "report-test": [], "description": "",
@@ -297,7 +299,7 @@ def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baselin
         for seed, (val, test) in enumerate(runs):
             folder = root / cell / f"seed-{seed}"
             folder.mkdir(parents=True)
-            rows = [{"round": 0, "val_knn_top1": 0.1}, {"round": 1, "val_knn_top1": val - 0.01},
+            rows = [{"round": 0, "val_knn_top1": (starts or {}).get((cell, seed), 0.1)}, {"round": 1, "val_knn_top1": val - 0.01},
                     {"round": 2, "val_knn_top1": val, "knn_top1": test, "probe_top1": test}]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             code = {"fedssl": "0.1", "commit": (commits or {}).get((cell, seed), "a" * 40), "modified": False}
@@ -344,6 +346,23 @@ def test_test_scores_cannot_move_the_choice_or_the_ranking(tmp_path):
     assert [r["cell"] for r in one["cells"]] == [r["cell"] for r in two["cells"]]
     # and the choice itself takes validation intervals, nothing else
     assert choose({"x": Interval(3, 0.2, 0.1, 0.3), "y": Interval(3, 0.25, 0.0, 0.5)}) == "y"
+
+
+def test_the_gain_over_round_0_is_paired_within_each_run(tmp_path):
+    # base's final scores 0.30, 0.32, 0.31 from starts 0.28, 0.33, 0.29: gains +2, -1, +2 points,
+    # which a gain over the mean start (+0.33) or over another seed's start would not give
+    starts = {("base", 0): 0.28, ("base", 1): 0.33, ("base", 2): 0.29}
+    report = build_report(fake_sweep(tmp_path / "sweep", SCORES, baseline="base", starts=starts))
+    rows = {row["cell"]: row for row in report["cells"]}
+    gain = rows["base"]["gain_over_round_0"]
+    assert gain["per_seed"] == {0: pytest.approx(0.02), 1: pytest.approx(-0.01), 2: pytest.approx(0.02)}
+    half = T_TABLE[2] * math.sqrt(((0.01) ** 2 * 2 + 0.02 ** 2) / 2) / math.sqrt(3)
+    assert gain["mean"] == pytest.approx(0.01) and gain["high"] == pytest.approx(0.01 + half, abs=1e-4)
+    assert gain["excludes_zero"] is False
+    assert rows["a"]["gain_over_round_0"]["excludes_zero"] is True  # 0.50-0.52 from 0.1
+    table = sweep_report.markdown(report)
+    assert "val gain over round 0" in table and "+1.0 [" in table
+    assert "gain_mean" in sweep_report.csv_text(report).splitlines()[0]
 
 
 def test_the_report_says_when_a_seed_gave_other_partitions(tmp_path):
