@@ -21,10 +21,10 @@ batch, and the equipartition then spreads each code over about K / B = 47 protot
 numpy check on made-up scores, each sample near one prototype: a code's perplexity about 800
 at B = 64, 16 at B = 3,900, 52 with K = 300). K = 300 against 3000, measured once (seed 0,
 FedAvg over Dirichlet(0.1) CIFAR-10 clients, 40,000 image-passes,
-experiments/sweep-swav-prototypes.toml): neither left the untrained encoder's validation kNN
+experiments/sweep-swav-design.toml): neither left the untrained encoder's validation kNN
 (0.279 at round 0; 0.273 with 300, 0.271 with 3000) and the loss stayed near log K, so the
-measurement cannot tell them apart and the paper's K stays (docs/results.md, "SwAV's
-prototypes"). Projector (common/heads.py's
+measurement cannot tell them apart and the paper's K stays (docs/results.md, "Federated
+design choices, measured once"). Projector (common/heads.py's
 `mlp`, Linear-BN-ReLU-Linear, as the authors' projection head) at the run's sizes, feature
 dim -> hidden-dim (1024) -> proj-dim (256; the paper's is 2048 -> 128).
 
