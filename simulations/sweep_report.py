@@ -7,7 +7,9 @@ baseline cell: the same interval over the per-seed differences, seed by seed (a 
 the partitions, which the report checks from the fingerprint each run records, the initial
 model and the client sampling), with whether it excludes 0. And each cell's gain: its final
 validation kNN top-1 less the same run's round 0 (the untrained model's), the same interval
-over seeds, so that "this cell learns at this scale" is a claim with an interval too.
+over seeds, so that "this cell learns at this scale" is a claim with an interval too. And,
+per run, the rounds that kept the previous global model (no update aggregated: every reply
+failed or was screened out, server/validation.py), which a cell's number silently includes.
 
 No choice on test: cells are ranked, and the best one chosen, by the validation column
 alone, before any test number is read; the test columns (the final row's kNN top-1 and
@@ -120,6 +122,7 @@ class RunView:
     status: str                       # done, failed or missing
     validation: float | None = None   # the final row's validation kNN top-1
     start: float | None = None        # round 0's: the untrained model's
+    rounds_lost: int | None = None    # rounds that aggregated no update (None: not recorded)
     curve: tuple[tuple[int, float], ...] = ()
     seconds: float | None = None
     digest: str | None = None
@@ -142,22 +145,26 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def read_validation(folder: Path) -> RunView:
-    """A run's validation numbers; every row is cut to round and `val_knn_top1` as it is read."""
+    """A run's validation numbers; every row is cut to round, `val_knn_top1` and
+    `aggregated` as it is read."""
     record = _json(folder / "sweep-run.json") or {}
     digest = record.get("partition_digest")
     failed = _json(folder / "sweep-failed.json")
     if failed is not None:
         return RunView("failed", digest=digest, failure=f"non-finite model in round {failed.get('round')}")
     summary = _json(folder / "summary.json")
-    curve = tuple((row["round"], row[VALIDATION]) for row in _rows(folder / "metrics.jsonl")
-                  if row.get(VALIDATION) is not None)
+    rows = [{key: row.get(key) for key in ("round", VALIDATION, "aggregated")}
+            for row in _rows(folder / "metrics.jsonl")]
+    curve = tuple((row["round"], row[VALIDATION]) for row in rows if row[VALIDATION] is not None)
+    recorded = [row["aggregated"] for row in rows if row["round"] and row["aggregated"] is not None]
     if not isinstance(summary, dict) or not curve:
         return RunView("missing", curve=curve, digest=digest)
     final_round = (summary.get("final") or {}).get("round")
     value = curve[-1][1] if curve[-1][0] == final_round else None
     start = curve[0][1] if curve[0][0] == 0 else None
-    return RunView("done" if value is not None else "missing", value, start, curve, summary.get("seconds"),
-                   digest, code=describe(summary.get("code")))
+    return RunView("done" if value is not None else "missing", value, start,
+                   recorded.count(False) if recorded else None, curve, summary.get("seconds"), digest,
+                   code=describe(summary.get("code")))
 
 
 def test_scores(folder: Path) -> dict[str, float | None]:
@@ -231,6 +238,7 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
             "validation_vs_baseline": {"seeds": seeds, **asdict(diff), "excludes_zero": diff.excludes_zero},
             "gain_over_round_0": {"per_seed": gain, **asdict(gain_interval),
                                   "excludes_zero": gain_interval.excludes_zero},
+            "rounds_lost": {s: v.rounds_lost for s, v in cell_views.items() if v.status == "done"},
             "partitions_vs_baseline": _partitions(cell_views, views[baseline], seeds, cells[name]["command"]),
             "minutes_per_run": round(statistics.fmean(seconds) / 60, 2) if seconds else None,
         }
@@ -289,6 +297,10 @@ def _excludes(block: Mapping[str, Any]) -> str:
     return {True: "yes", False: "no", None: "-"}[block.get("excludes_zero")]
 
 
+def _lost(per_seed: Mapping[int, int | None]) -> str:
+    return ", ".join("-" if n is None else str(n) for _, n in sorted(per_seed.items())) or "-"
+
+
 def _settings(cell: Mapping[str, Any]) -> str:
     keys = {k: v for k, v in cell["overrides"].items() if k != "command"}
     text = ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items())
@@ -318,9 +330,9 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"(validation-best: {sel['best']}; baseline: {report['baseline']}). Differences in points.", "",
              "| rank | cell | settings | seeds | val kNN top-1 [95% CI] | val gain over round 0 [95% CI] "
              "| val diff vs baseline [95% CI] | excludes 0 | test kNN top-1 [95% CI] "
-             "| test diff vs baseline [95% CI] | excludes 0 | test probe [95% CI] | partitions vs baseline "
-             "| min/run |",
-             "| --- " * 14 + "|"]
+             "| test diff vs baseline [95% CI] | excludes 0 | test probe [95% CI] "
+             "| rounds with no update, per seed | partitions vs baseline | min/run |",
+             "| --- " * 15 + "|"]
     for row in report["cells"]:
         test = row.get("test")
         knn = test["knn_top1"] if test else {}
@@ -336,7 +348,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             _score(knn) if test else "not chosen",
             "(baseline)" if is_base else _points(knn.get("vs_baseline", {})) if test else "",
             "" if is_base else _excludes(knn.get("vs_baseline", {})) if test else "",
-            _score(test["probe_top1"]) if test else "", row["partitions_vs_baseline"],
+            _score(test["probe_top1"]) if test else "", _lost(row["rounds_lost"]), row["partitions_vs_baseline"],
             "-" if row["minutes_per_run"] is None else f"{row['minutes_per_run']:.1f}"]) + " |")
     for row in report["cells"]:
         for seed, why in row["failed"].items():
@@ -349,7 +361,7 @@ CSV_FIELDS = ("rank", "cell", "command", "settings", "n", "seeds", "failed", "va
               "val_diff_mean", "val_diff_low", "val_diff_high", "val_diff_excludes_zero", "chosen",
               "test_knn_mean", "test_knn_low", "test_knn_high", "test_knn_diff_mean", "test_knn_diff_low",
               "test_knn_diff_high", "test_knn_diff_excludes_zero", "test_probe_mean", "test_probe_low",
-              "test_probe_high", "partitions_vs_baseline", "minutes_per_run")
+              "test_probe_high", "rounds_lost", "partitions_vs_baseline", "minutes_per_run")
 
 
 def csv_text(report: Mapping[str, Any]) -> str:
@@ -373,7 +385,8 @@ def csv_text(report: Mapping[str, Any]) -> str:
             "test_knn_diff_mean": kdiff.get("mean"), "test_knn_diff_low": kdiff.get("low"),
             "test_knn_diff_high": kdiff.get("high"), "test_knn_diff_excludes_zero": kdiff.get("excludes_zero"),
             "test_probe_mean": probe.get("mean"), "test_probe_low": probe.get("low"),
-            "test_probe_high": probe.get("high"), "partitions_vs_baseline": row["partitions_vs_baseline"],
+            "test_probe_high": probe.get("high"), "rounds_lost": _lost(row["rounds_lost"]),
+            "partitions_vs_baseline": row["partitions_vs_baseline"],
             "minutes_per_run": row["minutes_per_run"]})
     return out.getvalue()
 

@@ -285,9 +285,11 @@ def test_the_seed_fixes_the_partitions_whatever_the_cell(image_folder, tmp_path)
 def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baseline: str,
                digests: dict[tuple[str, int], str] | None = None,
                commits: dict[tuple[str, int], str] | None = None,
-               starts: dict[tuple[str, int], float] | None = None) -> Path:
+               starts: dict[tuple[str, int], float] | None = None,
+               lost: dict[tuple[str, int], list[int]] | None = None) -> Path:
     """A sweep folder as `fedssl sweep` leaves it: per cell and seed (validation, test);
-    round 0's validation score is 0.1 unless `starts` gives it."""
+    round 0's validation score is 0.1 unless `starts` gives it; rounds 1-2 record whether
+    they aggregated where `lost` names a run (the rounds that did not)."""
     seeds = list(range(len(next(iter(scores.values())))))
     manifest = {"command": "fedssl sweep s.toml --out x", "seeds": seeds, "baseline": baseline,
                 "report-test": [], "description": "",
@@ -301,6 +303,9 @@ def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baselin
             folder.mkdir(parents=True)
             rows = [{"round": 0, "val_knn_top1": (starts or {}).get((cell, seed), 0.1)}, {"round": 1, "val_knn_top1": val - 0.01},
                     {"round": 2, "val_knn_top1": val, "knn_top1": test, "probe_top1": test}]
+            if (cell, seed) in (lost or {}):
+                for row in rows[1:]:
+                    row["aggregated"] = row["round"] not in lost[cell, seed]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             code = {"fedssl": "0.1", "commit": (commits or {}).get((cell, seed), "a" * 40), "modified": False}
             (folder / "summary.json").write_text(json.dumps({"final": rows[-1], "seconds": 60.0, "code": code}))
@@ -363,6 +368,15 @@ def test_the_gain_over_round_0_is_paired_within_each_run(tmp_path):
     table = sweep_report.markdown(report)
     assert "val gain over round 0" in table and "+1.0 [" in table
     assert "gain_mean" in sweep_report.csv_text(report).splitlines()[0]
+
+
+def test_the_report_counts_the_rounds_that_kept_the_old_model(tmp_path):
+    lost = {("b", 0): [1, 2], ("b", 1): [], ("b", 2): [2]}
+    report = build_report(fake_sweep(tmp_path / "sweep", SCORES, baseline="base", lost=lost))
+    rows = {row["cell"]: row for row in report["cells"]}
+    assert rows["b"]["rounds_lost"] == {0: 2, 1: 0, 2: 1}
+    assert rows["a"]["rounds_lost"] == {0: None, 1: None, 2: None}  # not recorded, not 0
+    assert "| 2, 0, 1 |" in sweep_report.markdown(report)
 
 
 def test_the_report_says_when_a_seed_gave_other_partitions(tmp_path):
