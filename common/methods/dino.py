@@ -67,10 +67,12 @@ second copy of the global student, and its BatchNorm statistics are of this site
 The centre is the running mean of this local teacher's outputs on this site's images: it
 removes from the teacher's targets the direction this site's data already dominates, so it
 belongs with the teacher it centres. No federated DINO paper we know of settles it; a
-shared (averaged) centre (--dino-share-center) was measured against the local one once
-(synthetic images, 4 sites, Dirichlet 0.5, 4 rounds, 16 px, seed 0, teacher momentum
-0.99): kNN top-1 0.294 shared against 0.286 local, within the 2-point noise of 500
-queries. The local centre stays the default for the reason above, and costs nothing to ship.
+shared (averaged) centre (--dino-share-center) was compared with the local one once during
+development (synthetic images, 4 sites, Dirichlet 0.5, 4 rounds, 16 px, seed 0, teacher
+momentum 0.99; no spec in the repo reproduces it): kNN top-1 0.294 shared against 0.286
+local, within the 2-point noise of 500 queries. The local centre stays the default for the
+reason above, and costs nothing to ship. experiments/sweep-dino-centre.toml measures the
+pair at the methods sweep's CIFAR-10 setting (not yet run).
 """
 from __future__ import annotations
 

@@ -34,7 +34,9 @@ the loss averages over them.
 
 Federated design: the encoder is shared, as for every method. The literature has no answer
 for the decoder (with its mask token), so both choices are one flag, `mae-share-decoder`,
-measured once: in-process federation on the embedded synthetic data, 512 images over 4 iid
+compared once during development (no spec in the repo reproduces it;
+experiments/sweep-mae-decoder.toml measures the pair at the methods sweep's CIFAR-10 setting,
+not yet run): in-process federation on the embedded synthetic data, 512 images over 4 iid
 sites, half sampled a round, 6 rounds, 32 px, batch 32, seed 0, kNN on 500 / 250 held-out
 images (2 shared CPU cores, fp32). Shared: train loss 1.111 -> 0.908, kNN top-1 0.244 ->
 0.296; kept at the site: 1.111 -> 0.917, 0.244 -> 0.288. The kNN gap is within one run's

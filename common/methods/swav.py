@@ -58,9 +58,11 @@ mean the same as another's, and the averaged projector is trained toward one set
 prototypes, not one per site. Orchestra gets there by clustering the sites' centroids at the
 server; here the prototypes are averaged with the rest of the model (FedAvg), and
 normalised again before the next step. Local prototypes (--swav-share-prototypes false)
-were measured against shared ones once (synthetic images, 4 sites, Dirichlet 0.5, 4 rounds,
-16 px, seed 0): kNN top-1 0.306 shared against 0.304 local, no difference at that scale;
-shared stays the default for the reason above. The server's collapse telemetry reads the
+were compared with shared ones once during development (synthetic images, 4 sites, Dirichlet
+0.5, 4 rounds, 16 px, seed 0; no spec in the repo reproduces it): kNN top-1 0.306 shared
+against 0.304 local, no difference at that scale; shared stays the default for the reason
+above. experiments/sweep-swav-design.toml's local-prototypes cell measures it at CIFAR-10
+scale (not yet run; at that scale SwAV does not learn with either K, above). The server's collapse telemetry reads the
 projector's output.
 """
 from __future__ import annotations
