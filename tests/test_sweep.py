@@ -301,7 +301,8 @@ def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baselin
         for seed, (val, test) in enumerate(runs):
             folder = root / cell / f"seed-{seed}"
             folder.mkdir(parents=True)
-            rows = [{"round": 0, "val_knn_top1": (starts or {}).get((cell, seed), 0.1)}, {"round": 1, "val_knn_top1": val - 0.01},
+            rows = [{"round": 0, "val_knn_top1": (starts or {}).get((cell, seed), 0.1)},
+                    {"round": 1, "val_knn_top1": val - 0.01},
                     {"round": 2, "val_knn_top1": val, "knn_top1": test, "probe_top1": test}]
             if (cell, seed) in (lost or {}):
                 for row in rows[1:]:
