@@ -214,13 +214,11 @@ def test_privacy_modes_run_at_the_sites_with_no_site_setting(finished_run, priva
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("method", ["dino", "mae"])
+@pytest.mark.parametrize("method", ["vicreg", "barlowtwins", "dino", "swav", "mae"])
 def test_the_newer_families_train_at_the_sites(finished_run, method):
-    """The newer families whose site differs most from the first ones' run at real sites as
-    those do: one round, both sites' updates aggregated, the shared encoder moved. DINO keeps
-    a teacher and a centre at the site; MAE trains its own ViT on one view. VICReg, Barlow
-    Twins and SwAV take no other path through the deployed client (one round each cost 75 s
-    of the suite on an AVX2-only host); tests/test_methods_*.py train them federated."""
+    """Each family issue 19 added runs at real sites as the first ones do: one round, both
+    sites' updates aggregated, the shared encoder moved. DINO keeps a teacher and a centre at
+    the site; MAE trains its own ViT on one view; SwAV normalises its averaged prototypes."""
     deployment, _, plain_out, cfg = finished_run
     out = plain_out.parent / method
     values = dict(dataset="imagefolder", data_path=cfg.data_path, eval_path=cfg.eval_path,
