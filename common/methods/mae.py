@@ -36,8 +36,8 @@ Federated design: the encoder is shared, as for every method. The literature has
 for the decoder (with its mask token), so both choices are one flag, `mae-share-decoder`,
 compared once during development (no spec in the repo reproduces it) and once at the
 methods sweep's CIFAR-10 setting (below). During development: in-process federation on the
-embedded synthetic data, 512 images over 4 iid sites, half sampled a round, 6 rounds, 32 px, batch 32, seed 0, kNN on 500 / 250 held-out
-images (2 shared CPU cores, fp32). Shared: train loss 1.111 -> 0.908, kNN top-1 0.244 ->
+embedded synthetic data, 512 images over 4 iid sites, half sampled a round, 6 rounds, 32
+px, batch 32, seed 0, kNN on 500 / 250 held-out images (2 shared CPU cores, fp32). Shared: train loss 1.111 -> 0.908, kNN top-1 0.244 ->
 0.296; kept at the site: 1.111 -> 0.917, 0.244 -> 0.288. The kNN gap is within one run's
 noise (250 queries: about 3 points); the loss gap fits a local decoder lagging under partial
 participation (a site trains in about half the rounds, so its decoder lags the averaged
