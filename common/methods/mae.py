@@ -32,28 +32,28 @@ random resized crop, scale (0.2, 1), and a horizontal flip; no colour jitter, gr
 blur or solarize. One view per image (`views = 1`); given more (a caller with two views),
 the loss averages over them.
 
-Federated design: the encoder is shared, as for every method. The literature has no answer
-for the decoder (with its mask token), so both choices are one flag, `mae-share-decoder`,
-compared once during development (no spec in the repo reproduces it) and once at the
-methods sweep's CIFAR-10 setting (below). During development: in-process federation on the
-embedded synthetic data, 512 images over 4 iid sites, half sampled a round, 6 rounds, 32
-px, batch 32, seed 0, kNN on 500 / 250 held-out images (2 shared CPU cores, fp32). Shared: train loss 1.111 -> 0.908, kNN top-1 0.244 ->
-0.296; kept at the site: 1.111 -> 0.917, 0.244 -> 0.288. The kNN gap is within one run's
-noise (250 queries: about 3 points); the loss gap fits a local decoder lagging under partial
-participation (a site trains in about half the rounds, so its decoder lags the averaged
-encoder and starts over at its first round; one seed, not an established difference). At
-the methods sweep's CIFAR-10 setting (experiments/sweep-mae-decoder.toml, FedAvg over 10
-Dirichlet(0.1) sites, 2 a round, 20 rounds, seed 0, validation kNN): shared 0.308 (+2.1
-points over round 0), kept at the site 0.281 (-0.6: it did not learn), 2.7 points apart,
-about twice the single-run noise (docs/results.md, "Federated design choices, measured
-once"). Shared is the default: one decoder that every site's reconstruction trains, so the
-averaged encoder is trained against one decoder, for 0.44 M more values each way a round (8% of vit_tiny's
-5.36 M). A local decoder starts from the same seeded weights at every site and is rebuilt to
-them when a site has none (`init_local`), and never leaves the site; FedEMA's global branch,
-which re-derives a site's copies of the shared networks, keeps it (`follow_global`). Under
-DP its fixed position embeddings, like the encoder's, are released as sent (server/dp.py).
-Nothing else is kept: the masks are drawn afresh every step (from the generator
-common/training.py seeds per round).
+Federated design: the encoder is shared, as for every method. The literature has no answer for
+the decoder (with its mask token), so both choices are one flag, `mae-share-decoder`, compared
+once during development (no spec in the repo reproduces it) and once at the methods sweep's
+CIFAR-10 setting (below). During development: in-process federation on the embedded synthetic
+data, 512 images over 4 iid sites, half sampled a round, 6 rounds, 32 px, batch 32, seed 0, kNN
+on 500 / 250 held-out images (2 shared CPU cores, fp32). Shared: train loss 1.111 -> 0.908, kNN
+top-1 0.244 -> 0.296; kept at the site: 1.111 -> 0.917, 0.244 -> 0.288. The kNN gap is within
+one run's noise (250 queries: about 3 points); the loss gap fits a local decoder lagging under
+partial participation (a site trains in about half the rounds, so its decoder lags the averaged
+encoder and starts over at its first round; one seed, not an established difference). At the
+methods sweep's CIFAR-10 setting (experiments/sweep-mae-decoder.toml, FedAvg over 10
+Dirichlet(0.1) sites, 2 a round, 20 rounds, seed 0, validation kNN): shared 0.308 (+2.1 points
+over round 0), kept at the site 0.281 (-0.6: it did not learn), 2.7 points apart, about twice
+the single-run noise (docs/results.md, "Federated design choices, measured once"). Shared is
+the default: one decoder that every site's reconstruction trains, so the averaged encoder is
+trained against one decoder, for 0.44 M more values each way a round (8% of vit_tiny's 5.36 M).
+A local decoder starts from the same seeded weights at every site and is rebuilt to them when a
+site has none (`init_local`), and never leaves the site; FedEMA's global branch, which
+re-derives a site's copies of the shared networks, keeps it (`follow_global`). Under DP its
+fixed position embeddings, like the encoder's, are released as sent (server/dp.py). Nothing
+else is kept: the masks are drawn afresh every step (from the generator common/training.py
+seeds per round).
 
 Where else it departs from the authors' code: the decoder's linear layers keep PyTorch's
 default initialisation and the encoder torchvision's (MAE: Xavier-uniform, zero biases,
