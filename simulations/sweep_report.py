@@ -9,7 +9,8 @@ model and the client sampling), with whether it excludes 0. And each cell's gain
 validation kNN top-1 less the same run's round 0 (the untrained model's), the same interval
 over seeds, so that "this cell learns at this scale" is a claim with an interval too. And,
 per run, the rounds that kept the previous global model (no update aggregated: fewer valid
-replies than min-train-clients, the others failed or screened out, server/validation.py), which a cell's number silently includes.
+replies than min-train-clients, the others failed or screened out, server/validation.py),
+which a cell's number silently includes.
 
 No choice on test: cells are ranked, and the best one chosen, by the validation column
 alone, before any test number is read; the test columns (the final row's kNN top-1 and
