@@ -28,7 +28,8 @@ class RoundRecord:
     # The rule's aggregated client metrics (None when nothing was aggregated or released).
     train_loss: float | None = None
     client_images_per_second: float | None = None
-    # Each site's numbers from its rule's client half (FedU's divergence, FedEMA's mu), by node.
+    # Each site's numbers from its rule, by node: from the rule's client half (FedU's
+    # divergence, FedEMA's mu) and from its server half (L-DAWA's layer weights).
     client_rules: dict[str, dict[str, float]] = field(default_factory=dict)
     # Model arrays only, each way: what a round costs the network.
     bytes_sent: int = 0
@@ -77,7 +78,7 @@ class RoundRecord:
             "clients_ok": self.clients_ok,
             "clients_failed": self.clients_failed,
             "failures": dict(self.failures),
-            # only rules with a client half report numbers
+            # only rules that score their sites report numbers
             **({"client_rules": dict(self.client_rules)} if self.client_rules else {}),
             "aggregated": self.aggregated,
             "bytes_sent": self.bytes_sent,

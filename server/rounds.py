@@ -22,7 +22,7 @@ from fedssl.server.mean import WeightedMean
 from fedssl.server.nodes import RegisteredOrder, registration_order, wait_for_nodes
 from fedssl.server.round_record import RoundOffset, RoundRecord
 from fedssl.server.npy_view import as_numpy
-from fedssl.server.rule import KeepsServerState
+from fedssl.server.rule import KeepsServerState, ScoresSites
 from fedssl.server.validation import screen, spec_of
 
 log = logging.getLogger("fedssl")
@@ -170,9 +170,13 @@ class SSLRounds(Strategy):
             log.warning("round %d: client %s rejected: %s", server_round, node, reason)
 
         arrays = metrics = None
+        rule_numbers = client_rules(verdict.accepted)
         self.last_accepted = verdict.accepted if len(verdict.accepted) >= self.min_valid else []
         if self.last_accepted:
             arrays, metrics = self._aggregate_accepted(server_round, verdict.accepted, mean)
+            if isinstance(self.rule, ScoresSites):
+                for node, numbers in self.rule.site_numbers.items():
+                    rule_numbers.setdefault(node, {}).update(numbers)
         else:
             log.warning("round %d: %d valid replies, %d needed (min-train-clients); the global "
                         "model stays as it was", server_round, len(verdict.accepted), self.min_valid)
@@ -180,7 +184,7 @@ class SSLRounds(Strategy):
             clients_ok=len(verdict.accepted), failures=dict(sorted(verdict.rejected.items())),
             aggregated=arrays is not None,
             client_metrics=[record for m in verdict.accepted for record in m.content.metric_records.values()],
-            train_metrics=metrics, client_rules=client_rules(verdict.accepted),
+            train_metrics=metrics, client_rules=rule_numbers,
             bytes_sent=self._bytes_sent.pop(server_round, 0), bytes_received=received)
         return arrays, metrics
 

@@ -60,3 +60,11 @@ class KeepsServerState:
             if attr not in self.server_state_attrs:
                 raise KeyError(f"checkpoint holds server state {attr!r} this strategy does not keep")
             setattr(self, attr, dict(arrays))
+
+
+class ScoresSites:
+    """Mixed into a Flower strategy that scores each site's reply as it aggregates (L-DAWA's
+    layer weights): the round record keeps `site_numbers`, by node, beside the numbers a rule's
+    client half reports (`client_rules` in metrics.jsonl). The strategy sets them each round."""
+
+    site_numbers: dict[str, dict[str, float]] = {}

@@ -20,7 +20,7 @@ from fedssl.common.methods.base import SSLMethod
 from fedssl.server.app import run_federation
 from fedssl.server.resume import load_run_state
 from fedssl.server.strategies import build_strategy
-from fedssl.server.strategies.ldawa import ldawa_aggregate
+from fedssl.server.strategies.ldawa import layer_weights, ldawa_aggregate, weight_summary
 from fedssl.simulations.inprocess_grid import InProcessGrid
 from conftest import fast_config
 
@@ -193,6 +193,9 @@ def test_ldawa_weights_each_layer_by_its_cosine_to_the_global_layer():
     # 0-d entries and counters: the plain mean, counters rounded to their dtype
     assert out["s"] == pytest.approx(3.0)
     assert out["n"] == 11 and out["n"].dtype == np.int64
+    # what a round records of each site: its layers' weights, 0-d entries and counters left out
+    assert weight_summary(layer_weights(clients[2], glob)) == pytest.approx(
+        {"layer-weight-mean": (1 / math.sqrt(2) + 1) / 2, "layer-weight-min": 1 / math.sqrt(2)})
 
 
 # --- FedAvgM and FedAdam: one hand-checked step each ----------------------------------------
@@ -284,14 +287,20 @@ def test_two_rounds_move_the_global_model_and_keep_each_rules_state(small_image_
     # the client-side rules' numbers, per client, every round a client trains
     recorded = [r.get("client_rules") for r in rows(tmp_path / "run")]
     names = {"fedu": {"divergence", "global-predictor", "previous-round"},
-             "fedema": {"ema", "divergence", "mu", "previous-round"}}.get(strategy)
+             "fedema": {"ema", "divergence", "mu", "previous-round"},
+             "ldawa": {"layer-weight-mean", "layer-weight-min"}}.get(strategy)
     if names is None:
         assert recorded == [None, None, None]
     else:
         assert recorded[0] is None and len(recorded[1]) == len(recorded[2]) == 2
         assert all(set(numbers) == names for numbers in [*recorded[1].values(), *recorded[2].values()])
+    if strategy in ("fedu", "fedema"):
         assert all(numbers["divergence"] > 0 and numbers["previous-round"] == 1
                    for numbers in recorded[2].values())
+    if strategy == "ldawa":
+        # a trained layer turns away from the global one, so some weight falls below 1
+        assert all(0 < numbers["layer-weight-min"] < numbers["layer-weight-mean"] < 1
+                   for numbers in [*recorded[1].values(), *recorded[2].values()])
 
     state = load_run_state(tmp_path / "run" / "checkpoint.safetensors")
     initial = build_method(cfg).shared_state()

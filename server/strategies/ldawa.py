@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedssl.common.config import RunConfig
 from fedssl.server.npy_view import as_numpy
-from fedssl.server.rule import AggregationRule, sampling
+from fedssl.server.rule import AggregationRule, ScoresSites, sampling
 from fedssl.server.strategies.running_stats import StatisticsAsMean, in_dtype, statistics_keys
 
 
@@ -35,14 +35,25 @@ def layer_weight(client: np.ndarray, glob: np.ndarray) -> float:
     return 1.0 if norms == 0 else min(float(np.dot(c, g) / norms), 1.0)
 
 
-def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]],
-                    glob: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def is_layer(array: np.ndarray) -> bool:
+    """An entry with a direction to compare: a float array of at least one dimension."""
+    return array.dtype.kind == "f" and array.ndim > 0
+
+
+def layer_weights(client: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """delta^l of one client's reply, for each of its layers."""
+    return {key: layer_weight(array, glob[key]) for key, array in client.items() if is_layer(array)}
+
+
+def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]], glob: Mapping[str, np.ndarray],
+                    weights: list[dict[str, float]] | None = None) -> dict[str, np.ndarray]:
+    """`weights`: each client's layer_weights, where the caller has them already."""
+    weights = weights or [layer_weights(c, glob) for c in clients]
     out = {}
     for key, first in clients[0].items():
         layers = [c[key].astype(np.float64) for c in clients]
-        if first.dtype.kind == "f" and first.ndim > 0:
-            weights = [layer_weight(c[key], glob[key]) for c in clients]
-            mean = sum(w * layer for w, layer in zip(weights, layers)) / len(clients)
+        if is_layer(first):
+            mean = sum(w[key] * layer for w, layer in zip(weights, layers)) / len(clients)
             out[key] = mean.astype(first.dtype)
         else:
             mean = sum(layers) / len(clients)
@@ -50,7 +61,13 @@ def ldawa_aggregate(clients: list[Mapping[str, np.ndarray]],
     return out
 
 
-class LDAWA(FedAvg):
+def weight_summary(weights: Mapping[str, float]) -> dict[str, float]:
+    """What a round records of one site's layer weights."""
+    values = list(weights.values())
+    return {"layer-weight-mean": float(np.mean(values)), "layer-weight-min": float(min(values))}
+
+
+class LDAWA(ScoresSites, FedAvg):
     """FedAvg with L-DAWA's aggregation of the arrays it is handed (the parameters, under
     StatisticsAsMean); metrics are still example-weighted."""
 
@@ -59,16 +76,19 @@ class LDAWA(FedAvg):
 
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid):
         self.round_start = as_numpy(arrays)
+        self.site_numbers = {}
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        contents = [m.content for m in replies if not m.has_error()]
-        if not contents:
+        valid = [m for m in replies if not m.has_error()]
+        if not valid:
             return None, None
-        clients = [{k: v.numpy() for k, v in next(iter(c.array_records.values())).items()}
-                   for c in contents]
-        arrays = ldawa_aggregate(clients, self.round_start)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        clients = [{k: v.numpy() for k, v in next(iter(m.content.array_records.values())).items()}
+                   for m in valid]
+        weights = [layer_weights(c, self.round_start) for c in clients]
+        self.site_numbers = {str(m.metadata.src_node_id): weight_summary(w) for m, w in zip(valid, weights)}
+        arrays = ldawa_aggregate(clients, self.round_start, weights)
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
 
 
