@@ -284,7 +284,7 @@ def test_two_rounds_move_the_global_model_and_keep_each_rules_state(small_image_
     grid = InProcessGrid(client_app, num_nodes=2)
     run_federation(grid, cfg)
     assert [(r["round"], r["clients_ok"]) for r in rows(tmp_path / "run")] == [(0, 0), (1, 2), (2, 2)]
-    # the client-side rules' numbers, per client, every round a client trains
+    # each rule's numbers per site, every round a site trains (L-DAWA's from its server half)
     recorded = [r.get("client_rules") for r in rows(tmp_path / "run")]
     names = {"fedu": {"divergence", "global-predictor", "previous-round"},
              "fedema": {"ema", "divergence", "mu", "previous-round"},
