@@ -44,8 +44,8 @@ partial participation (a site trains in about half the rounds, so its decoder la
 encoder and starts over at its first round; one seed, not an established difference). At the
 methods sweep's CIFAR-10 setting (experiments/sweep-mae-decoder.toml, FedAvg over 10
 Dirichlet(0.1) sites, 2 a round, 20 rounds, seed 0, validation kNN): shared 0.308 (+2.1 points
-over round 0), kept at the site 0.281 (-0.6: it did not learn), 2.7 points apart, about twice
-the single-run noise (docs/results.md, "Federated design choices, measured once"). Shared is
+over round 0), kept at the site 0.281 (-0.6: it did not learn), 2.7 points apart; one seed, no
+interval (docs/results.md, "Federated design choices, measured once"). Shared is
 the default: one decoder that every site's reconstruction trains, so the averaged encoder is
 trained against one decoder, for 0.44 M more values each way a round (8% of vit_tiny's 5.36 M).
 A local decoder starts from the same seeded weights at every site and is rebuilt to them when a
