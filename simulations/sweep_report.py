@@ -13,7 +13,9 @@ replies than min-train-clients, the others failed or screened out, server/valida
 which a cell's number silently includes.
 
 No choice on test: cells are ranked, and the best one chosen, by the validation column
-alone, before any test number is read; the test columns (the final row's kNN top-1 and
+alone, before any test number is read (and only among the cells that finished every seed of
+the spec: a mean over fewer seeds, or other ones, is not comparable; such cells rank after
+them); the test columns (the final row's kNN top-1 and
 linear probe on the test images) are then read and reported for the chosen cells only: the
 validation-best, the baseline, and the cells the spec names in `report-test` in advance.
 Test numbers of other cells are never read, so nothing can be chosen by them.
@@ -88,7 +90,11 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool | None:
-        return None if self.low is None else (self.low > 0 or self.high < 0)
+        """None where there is no interval: one value, or values all equal (s = 0 gives a
+        zero-width t-interval, which measures no spread, however far from 0 it lies)."""
+        if self.low is None or self.low == self.high:
+            return None
+        return self.low > 0 or self.high < 0
 
 
 def t_interval(values: Iterable[float], level: float = LEVEL) -> Interval:
@@ -245,8 +251,10 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
         }
     validation = {name: Interval(**{k: row["validation"][k] for k in ("n", "mean", "low", "high")})
                   for name, row in rows.items()}
-    best = choose(validation)
-    ranking = sorted(rows, key=lambda n: (validation[n].mean is None, -(validation[n].mean or 0.0)))
+    complete = {name for name, row in rows.items() if set(row["seeds"]) == set(manifest["seeds"])}
+    best = choose({name: iv for name, iv in validation.items() if name in complete})
+    ranking = sorted(rows, key=lambda n: (n not in complete, validation[n].mean is None,
+                                          -(validation[n].mean or 0.0)))
     chosen = list(dict.fromkeys([c for c in (best, baseline, *manifest.get("report-test", [])) if c]))
 
     # 2. the test images, read now, for the chosen cells only
@@ -271,7 +279,8 @@ def build_report(sweep_dir: str | Path) -> dict[str, Any]:
                 code.setdefault(view.code, []).append(f"{name} seed {seed}")
     return {"description": manifest.get("description", ""), "command": manifest.get("command"),
             "seeds": manifest["seeds"], "baseline": baseline, "interval": INTERVAL, "code": code,
-            "selection": {"column": VALIDATION, "rule": "highest mean over seeds", "best": best,
+            "selection": {"column": VALIDATION, "rule": "highest mean over seeds, among the cells "
+                          "that finished every seed", "best": best,
                           "test_reported_for": chosen},
             "cells": [rows[name] for name in ranking]}
 
@@ -291,6 +300,8 @@ def _interval(block: Mapping[str, Any], text: Callable[[float], str]) -> str:
         return "-"
     if block.get("low") is None:
         return f"{text(block['mean'])} (n=1)"
+    if block["low"] == block["high"]:
+        return f"{text(block['mean'])} (all {block['n']} equal: no interval)"
     return f"{text(block['mean'])} [{text(block['low'])}, {text(block['high'])}]"
 
 
@@ -326,7 +337,8 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"Seeds: {', '.join(map(str, report['seeds']))}. Intervals: {report['interval']}.",
              _code_line(report["code"]),
              f"Ranked and chosen on validation only ({sel['column']}: the final round's kNN top-1 on a "
-             "seeded 10% of the training images, never trained on); test numbers (final round, test "
+             "seeded 10% of the training images, never trained on), among the cells that finished every "
+             "seed (any other ranks after them); test numbers (final round, test "
              f"images, touched once per run) only for the chosen cells: {', '.join(sel['test_reported_for'])} "
              f"(validation-best: {sel['best']}; baseline: {report['baseline']}). Differences in points.", "",
              "| rank | cell | settings | seeds | val kNN top-1 [95% CI] | val gain over round 0 [95% CI] "

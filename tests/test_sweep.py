@@ -318,7 +318,7 @@ def fake_sweep(root: Path, scores: dict[str, list[tuple[float, float]]], baselin
 # validation says a > b > base; test would say b (0.987654) is far the best
 SCORES = {"base": [(0.30, 0.31), (0.32, 0.33), (0.31, 0.30)],
           "b": [(0.40, 0.987654), (0.41, 0.987654), (0.42, 0.987654)],
-          "a": [(0.50, 0.35), (0.52, 0.36), (0.51, 0.34)]}
+          "a": [(0.50, 0.35), (0.53, 0.36), (0.51, 0.34)]}
 
 
 def test_the_report_chooses_and_ranks_by_validation_and_reads_test_only_for_the_chosen(tmp_path, monkeypatch):
@@ -344,6 +344,32 @@ def test_the_report_chooses_and_ranks_by_validation_and_reads_test_only_for_the_
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_only_cells_that_finished_every_seed_compete_for_the_choice(tmp_path):
+    # a is the best on the seeds it finished, but its seed 1 has not run: a mean over other
+    # seeds than b's is not comparable, so b is chosen and a ranks after every complete cell
+    root = fake_sweep(tmp_path / "sweep", SCORES, baseline="base")
+    shutil.rmtree(root / "a" / "seed-1")
+    report = build_report(root)
+    assert report["selection"]["best"] == "b"
+    assert [row["cell"] for row in report["cells"]] == ["b", "base", "a"]
+    assert report["selection"]["test_reported_for"] == ["b", "base"]
+    shutil.copytree(root / "b" / "seed-0", root / "a" / "seed-1")  # a finishes: chosen again
+    assert build_report(root)["selection"]["best"] == "a"
+
+
+def test_values_all_equal_give_no_interval_and_no_claim(tmp_path):
+    equal = t_interval([0.25, 0.25, 0.25])
+    assert (equal.low, equal.high) == (0.25, 0.25) and equal.excludes_zero is None
+    identical, _ = paired({0: 0.3, 1: 0.4, 2: 0.5}, {0: 0.3, 1: 0.4, 2: 0.5})
+    assert identical.mean == 0.0 and identical.excludes_zero is None
+    # a rule that never acted reproduces its baseline run for run: shown as such, no "no"/"yes"
+    report = build_report(fake_sweep(tmp_path / "sweep", {**SCORES, "same": SCORES["base"]}, baseline="base"))
+    same = next(row for row in report["cells"] if row["cell"] == "same")
+    assert same["validation_vs_baseline"]["excludes_zero"] is None
+    line = next(l for l in sweep_report.markdown(report).splitlines() if l.split(" | ")[1:2] == ["same"])
+    assert "+0.0 (all 3 equal: no interval) | -" in line
+
+
 def test_test_scores_cannot_move_the_choice_or_the_ranking(tmp_path):
     flipped = {cell: [(val, 1.0 - test) for val, test in runs] for cell, runs in SCORES.items()}
     one = build_report(fake_sweep(tmp_path / "one", SCORES, baseline="base"))
@@ -365,7 +391,7 @@ def test_the_gain_over_round_0_is_paired_within_each_run(tmp_path):
     half = T_TABLE[2] * math.sqrt(((0.01) ** 2 * 2 + 0.02 ** 2) / 2) / math.sqrt(3)
     assert gain["mean"] == pytest.approx(0.01) and gain["high"] == pytest.approx(0.01 + half, abs=1e-4)
     assert gain["excludes_zero"] is False
-    assert rows["a"]["gain_over_round_0"]["excludes_zero"] is True  # 0.50-0.52 from 0.1
+    assert rows["a"]["gain_over_round_0"]["excludes_zero"] is True  # 0.50-0.53 from 0.1
     table = sweep_report.markdown(report)
     assert "val gain over round 0" in table and "+1.0 [" in table
     assert "gain_mean" in sweep_report.csv_text(report).splitlines()[0]
