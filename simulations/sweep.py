@@ -9,7 +9,8 @@ The spec (TOML):
                                  # partitions, initial model, client sampling, augmentation
     baseline = "fedavg"          # the cell every other cell is compared with, seed by seed
     report-test = ["fedu"]       # optional: cells whose test numbers are reported besides the
-                                 # validation-best cell and the baseline (named in advance)
+                                 # validation-best cell and the baseline (named in advance:
+                                 # neither may take a cell that already has finished runs)
     description = "..."          # optional: the report's title
 
     [base]                       # run-config keys every cell shares (as in a preset), and
@@ -341,6 +342,25 @@ def plan(spec: Spec, out: Path) -> list[tuple[Cell, int, RunConfig, Path]]:
             for seed in spec.seeds for cell in spec.cells]
 
 
+def check_named_in_advance(spec: Spec, out: Path, finished: set[str]) -> None:
+    """The baseline and `report-test` decide whose test numbers the report reads, so they are
+    named before a cell's runs finish: once a cell has results, a spec may not make it the
+    baseline or add it to `report-test` (dropping one is allowed: fewer test numbers are read)."""
+    before = _read_json(out / "sweep.json")
+    if before is None:
+        return
+    if before.get("baseline") != spec.baseline and finished:
+        raise SpecError(f"baseline={spec.baseline!r} is invalid for {out}: its runs were made with "
+                        f"baseline {before.get('baseline')!r}, and the baseline is named in advance; "
+                        "give the sweep another --out")
+    added = [name for name in spec.report_test
+             if name not in before.get("report-test", []) and name != before.get("baseline") and name in finished]
+    if added:
+        raise SpecError(f"report-test names {added[0]!r}, which has finished runs in {out} and was not in "
+                        "report-test before: test numbers are chosen in advance, not after a report; "
+                        "give the sweep another --out")
+
+
 def run_sweep(spec: Spec, out: str | Path, *, spec_path: str = "SPEC.toml", runner: Runner | None = None,
               say: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run every run not finished yet; return how many were run, skipped and failed."""
@@ -351,6 +371,7 @@ def run_sweep(spec: Spec, out: str | Path, *, spec_path: str = "SPEC.toml", runn
     runner = runner or api_runner()
     runs = plan(spec, out)
     states = [run_status(cell, cfg, folder) for cell, _, cfg, folder in runs]  # every folder checked first
+    check_named_in_advance(spec, out, {cell.name for (cell, *_), state in zip(runs, states) if state != "todo"})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "sweep.json", lambda tmp: Path(tmp).write_text(
         json.dumps(manifest(spec, spec_path, out), indent=2)))

@@ -19,7 +19,7 @@ from conftest import fast_config
 from fedssl.server.evaluation import GlobalEvaluator
 from fedssl.simulations import sweep_report
 from fedssl.simulations.cli import main
-from fedssl.simulations.sweep import SpecError, api_runner, load_spec, run_sweep
+from fedssl.simulations.sweep import SpecError, api_runner, final_round, load_spec, run_sweep
 from fedssl.simulations.sweep_report import Interval, build_report, choose, paired, t_interval, t_quantile
 
 # t(0.975, df), from any table of Student's t (e.g. NIST/SEMATECH e-Handbook, 1.3.6.7.2).
@@ -245,6 +245,30 @@ def test_a_run_recorded_before_a_key_existed_is_refused_not_taken_as_finished(sm
     (folder / "summary.json").write_text(json.dumps({"config": older, "final": {"round": 2}}))
     with pytest.raises(SpecError, match="predictor-lr-schedule absent there"):
         run_sweep(spec, out, runner=lambda cell, cfg: pytest.fail("ran"), say=lambda line: None)
+
+
+def test_whose_test_numbers_are_read_cannot_be_changed_once_runs_finished(small_image_folder, tmp_path):
+    path, out = tiny_spec(tmp_path, small_image_folder), tmp_path / "sweep"
+
+    def finished(cell, cfg):  # the files a finished run leaves, without its training
+        last, folder = final_round(cell, cfg), Path(cfg.out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"round": last}) + "\n")
+        (folder / "summary.json").write_text(json.dumps({"config": cfg.to_mapping(), "final": {"round": last}}))
+
+    quiet = dict(say=lambda line: None)
+    assert run_sweep(load_spec(path), out, runner=finished, **quiet)["run"] == 2
+    text = path.read_text()
+    path.write_text(text.replace('baseline = "slow"', 'baseline = "slow"\nreport-test = ["fast"]'))
+    with pytest.raises(SpecError, match="report-test names 'fast', which has finished runs"):
+        run_sweep(load_spec(path), out, runner=finished, **quiet)
+    path.write_text(text.replace('baseline = "slow"', 'baseline = "fast"'))
+    with pytest.raises(SpecError, match="baseline='fast' is invalid for .*named in advance"):
+        run_sweep(load_spec(path), out, runner=finished, **quiet)
+    # named before any run: a new folder takes either
+    assert run_sweep(load_spec(path), tmp_path / "another", runner=finished, **quiet)["run"] == 2
+    path.write_text(text)  # and the original spec goes on as before
+    assert run_sweep(load_spec(path), out, runner=finished, **quiet)["skipped"] == 2
 
 
 def test_a_diverged_run_is_marked_failed_counted_and_not_run_again(small_image_folder, tmp_path):
